@@ -1,9 +1,10 @@
 """Apply the taxonomy thresholds to stored per-feature tables (METHOD.md sections 5 and 9).
 
 The threshold grid is recomputed from each condition's stored correlations `r`, so no model is rerun.
-`classify` and `require_columns` are the shared rules that `overlap` and `predictor` also use, so every
-analysis table counts a feature the same way: survived `r > s`, damaged `r < d`, degraded otherwise,
-undefined when an active feature has no correlation (it is never called survived).
+`classify_active` is `taxonomy.classify`'s rule applied to a stored table's `active` column (so the run's own
+active threshold is respected) at any survival/damage pair; `overlap` and `predictor` use it and
+`require_columns`, so every analysis table counts a feature the same way: survived `r > s`, damaged
+`r < d`, degraded otherwise, undefined when an active feature has no correlation (never survived).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def active_mask(features: pd.DataFrame, what: str = "per-feature table") -> np.n
     return active
 
 
-def classify(r, active, *, survival: float = SURVIVAL, damage: float = DAMAGE) -> np.ndarray:
-    """Class of each feature (one of CLASSES) from its correlation and FP activity."""
+def classify_active(r, active, *, survival: float = SURVIVAL, damage: float = DAMAGE) -> np.ndarray:
+    """Class of each feature (one of CLASSES) from its correlation and its stored FP `active` flag."""
     check_thresholds(survival, damage)
     r = np.asarray(r, dtype=np.float64)
     active = np.asarray(active, dtype=bool)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qdm_engine.analysis.thresholds import classify
+from qdm_engine.analysis.thresholds import classify_active
 
 PAPER_RESULTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "paper-results"
 PAPER_PER_FEATURE = PAPER_RESULTS / "per_feature" / "phase5b_pythia_rtn_int6_vs_pruning_per_feature_overlap.csv"
@@ -36,7 +36,7 @@ def paper_features(table: pd.DataFrame, side: str) -> pd.DataFrame:
             "active": table[f"active_{side}"].astype(bool),
         }
     )
-    out["cls"] = classify(out["r"], out["active"])
+    out["cls"] = classify_active(out["r"], out["active"])
     return out
 
 
@@ -93,7 +93,7 @@ def synthetic_features(
             "active": np.asarray(active, dtype=bool),
         }
     )
-    features["cls"] = classify(features["r"], features["active"])
+    features["cls"] = classify_active(features["r"], features["active"])
     return features
 
 

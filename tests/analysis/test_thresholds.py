@@ -5,7 +5,7 @@ import pytest
 from qdm_engine.analysis.thresholds import (
     DAMAGE_GRID,
     SURVIVAL_GRID,
-    classify,
+    classify_active,
     require_columns,
     threshold_grid,
     threshold_grid_run,
@@ -16,7 +16,7 @@ from qdm_engine.errors import QdmError
 def test_classify_known_values_and_boundaries():
     r = np.array([0.95, 0.9, 0.9000001, 0.7, 0.5, 0.4999999, -0.3, np.nan, 0.99, np.nan])
     active = np.array([True] * 8 + [False, False])
-    got = classify(r, active)
+    got = classify_active(r, active)
     want = ["survived", "degraded", "survived", "degraded", "degraded", "damaged", "damaged", "undefined",
             "inactive", "inactive"]
     assert list(got) == want
@@ -141,3 +141,18 @@ def test_grid_values_on_a_threshold_are_degraded(make_features):
     assert tuple(grid.loc[(0.9, 0.5), cols]) == (0, 3, 1)
     assert tuple(grid.loc[(0.8, 0.5), cols]) == (1, 2, 1)
     assert tuple(grid.loc[(0.8, 0.3), cols]) == (1, 3, 0)
+
+
+def test_classify_active_agrees_with_taxonomy():
+    """The grid's rule is the engine's taxonomy rule, given the same active set and thresholds."""
+    taxonomy = pytest.importorskip("qdm_engine.analysis.taxonomy")
+    rng = np.random.default_rng(21)
+    n = 5000
+    r = rng.uniform(-1, 1, n)
+    r[rng.random(n) < 0.05] = np.nan
+    r[:4] = [0.9, 0.5, 0.85, 0.3]  # values on the thresholds used below
+    fp_rate = rng.uniform(0, 3e-3, n)
+    for s, d in ((0.9, 0.5), (0.85, 0.3)):
+        want = taxonomy.classify(r, fp_rate, taxonomy.Thresholds(active=1e-3, survived=s, damaged=d))
+        got = classify_active(r, fp_rate > 1e-3, survival=s, damage=d)
+        assert list(got) == list(want)
