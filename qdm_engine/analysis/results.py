@@ -1,0 +1,93 @@
+"""The run folder: how a sweep is stored and read back, so analyses never rerun a model.
+
+Layout: `config.json` (every setting, versions, model/SAE/token identity), `summary.csv` and
+`summary.json` (one row per condition), `features/<condition>.parquet` (one row per SAE feature:
+feature, r, fp_rate, fp_mean, fp_peak, c_rate, active, cls). A folder is written under a temporary
+name and renamed into place only when complete, so an interrupted or failed run never leaves a folder
+that looks finished, and an existing folder is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from qdm_engine.errors import QdmError
+
+FEATURE_COLUMNS = ("feature", "r", "fp_rate", "fp_mean", "fp_peak", "c_rate", "active", "cls")
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """Refuse a destination that already holds files (nothing written before is ever lost)."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QdmError(f"output folder '{out}' already exists and is not empty; choose a new --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise QdmError(f"cannot write to '{parent}'; choose an --out in a writable folder")
+    return out
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: dict[str, pd.DataFrame]) -> Path:
+    """Write a complete run folder atomically (temp folder beside it, then rename)."""
+    out = check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(_json_safe(config), indent=2, default=str) + "\n")
+        summary.to_csv(tmp / "summary.csv", index=False)
+        records = _json_safe(summary.astype(object).where(summary.notna(), None).to_dict(orient="records"))
+        (tmp / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
+        (tmp / "features").mkdir()
+        for name, df in features.items():
+            df.to_parquet(tmp / "features" / f"{name}.parquet", index=False)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _run_dir(run_dir: str | Path) -> Path:
+    p = Path(run_dir).expanduser()
+    if not (p / "config.json").is_file() or not (p / "features").is_dir():
+        raise QdmError(f"'{run_dir}' is not a qdm-engine run folder (no config.json / features/); pass the --out of a sweep")
+    return p
+
+
+def load_config(run_dir: str | Path) -> dict:
+    return json.loads((_run_dir(run_dir) / "config.json").read_text())
+
+
+def load_summary(run_dir: str | Path) -> pd.DataFrame:
+    return pd.read_csv(_run_dir(run_dir) / "summary.csv")
+
+
+def list_conditions(run_dir: str | Path) -> list[str]:
+    return sorted(p.stem for p in (_run_dir(run_dir) / "features").glob("*.parquet"))
+
+
+def load_features(run_dir: str | Path, condition: str) -> pd.DataFrame:
+    """One condition's per-feature table; a QdmError listing the conditions if it is not there."""
+    path = _run_dir(run_dir) / "features" / f"{condition}.parquet"
+    if not path.is_file():
+        raise QdmError(f"condition '{condition}' is not in run '{run_dir}'; it has: {', '.join(list_conditions(run_dir))}")
+    return pd.read_parquet(path)

@@ -1,0 +1,126 @@
+"""The `qdm-engine` command line: parses arguments and calls the Python API.
+
+Bad input (a missing file, a mismatched SAE, an out-of-range flag) ends with one line on stderr and
+exit code 2, and no results folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+
+from qdm_engine import __version__
+from qdm_engine.errors import QdmError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), matching every other error the tool reports."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{s}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="audit FP vs RTN INT8..INT4 (and pruning) through a frozen SAE",
+        description=(
+            "Run the FP model and each compressed copy on identical tokens, encode the residual stream "
+            "at the SAE's site, and report per condition: perplexity change, mean/median feature "
+            "correlation and the survived/degraded/damaged split. With no --model/--sae it audits the "
+            "embedded default model and SAE."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to audit")
+    g.add_argument("--bits", default="8..4", help="RTN bit widths: a range like 8..4 or a list like 8,6,4 (each 2..16)")
+    g.add_argument("--prune", type=float, action="append", default=[], metavar="S",
+                   help="also audit per-tensor magnitude pruning at sparsity S (repeatable)")
+    g.add_argument("--null", action="store_true", help="add the FP-vs-FP null condition (reruns the FP model)")
+    g = p.add_argument_group("model and SAE")
+    g.add_argument("--model", help="transformers causal LM: hub id or local folder (default: the embedded model)")
+    g.add_argument("--gguf-file", help="a GGUF checkpoint (path, or a file name inside --model's hub repo)")
+    g.add_argument("--sae", help="SAELens SAE: release:sae_id or a folder with cfg.json + sae_weights.safetensors")
+    g.add_argument("--hook", help="read-out site, e.g. blocks.6.hook_resid_post (default: the SAE's hook_name)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code from its repo")
+    g = p.add_argument_group("tokens")
+    g.add_argument("--text", help="audit text: a local UTF-8 file or a datasets name path[:config[:split]] "
+                                  "(default: the bundled WikiText-2-raw test split)")
+    g.add_argument("--tokens", type=_positive_int, default=16384, help="token budget (positions, BOS included)")
+    g.add_argument("--block-len", type=_positive_int, default=128, help="positions per block")
+    g.add_argument("--no-bos", dest="bos", action="store_false",
+                   help="do not prepend BOS to each block (the paper's convention); by default BOS is "
+                        "prepended and its positions are left out of the statistics")
+    g = p.add_argument_group("taxonomy")
+    g.add_argument("--active-rate", type=float, default=1e-3, help="FP firing rate above which a feature is audited")
+    g.add_argument("--survived", type=float, default=0.9, help="r above this: survived")
+    g.add_argument("--damaged", type=float, default=0.5, help="r below this: damaged")
+    g = p.add_argument_group("execution")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="blocks per forward pass")
+    g.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--out", help="results folder (default: qdm-runs/<time>); must not exist or be empty")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from qdm_engine.analysis.taxonomy import Thresholds
+    from qdm_engine.audit import format_summary, sweep
+
+    out = args.out or os.path.join("qdm-runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result = sweep(
+        model=args.model, sae=args.sae, bits=args.bits, prune=args.prune, gguf_file=args.gguf_file,
+        hook=args.hook, text=args.text, tokens=args.tokens, block_len=args.block_len,
+        batch_size=args.batch_size, bos=args.bos, device=args.device, dtype=args.dtype,
+        thresholds=Thresholds(active=args.active_rate, survived=args.survived, damaged=args.damaged),
+        null=args.null, out=out, progress=not args.quiet, trust_remote_code=args.trust_remote_code, log=log,
+    )
+    print(format_summary(result.summary))
+    print(f"\nresults: {result.out}  ({result.config['wall_seconds']:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qdm-engine",
+        description="Does a compressed language model keep its SAE features? A feature-by-feature audit.",
+    )
+    parser.add_argument("--version", action="version", version=f"qdm-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_sweep(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except QdmError as exc:
+        print(f"qdm-engine: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdm-engine: interrupted; no results folder was completed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

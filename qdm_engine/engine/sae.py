@@ -1,0 +1,164 @@
+"""Loading a frozen SAE and turning it into the plain tensors the encode kernels take.
+
+`--sae release:id` goes through SAELens's `SAE.from_pretrained`; a folder goes through
+`SAE.load_from_disk` when SAELens is installed, else through a small reader of the same disk format
+(`cfg.json` + `sae_weights.safetensors`), so the engine runs where SAELens is absent. Either way the
+result is reduced to one `SAEWeights`: W_enc, b_enc, the b_dec subtracted from the input, and the
+activation (ReLU, JumpReLU threshold, or TopK k). `import sae_lens` stays inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qdm_engine.errors import QdmError
+from qdm_engine.kernels.encode_moments import sae_encode_reference
+
+SUPPORTED_ARCHITECTURES = ("standard", "jumprelu", "topk")
+SUPPORTED_NORMALISATIONS = ("none", "constant_norm_rescale", "layer_norm")
+
+
+@dataclass
+class SAEWeights:
+    W_enc: torch.Tensor  # [d_in, d_sae] float32
+    b_enc: torch.Tensor  # [d_sae]
+    b_dec: torch.Tensor  # [d_in], zero when the SAE does not subtract b_dec from its input
+    architecture: str
+    hook_name: str
+    threshold: torch.Tensor | None = None  # JumpReLU
+    k: int | None = None  # TopK
+    normalize: str = "none"
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def to(self, device: str | torch.device) -> "SAEWeights":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SAEWeights(move(self.W_enc), move(self.b_enc), move(self.b_dec), self.architecture,
+                          self.hook_name, move(self.threshold), self.k, self.normalize, self.identity)
+
+    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+        """SAELens's per-token input normalisation, in float32 (identity for 'none')."""
+        x = x.to(torch.float32)
+        if self.normalize == "constant_norm_rescale":
+            return x * (self.d_in ** 0.5) / x.norm(dim=-1, keepdim=True)
+        if self.normalize == "layer_norm":
+            x = x - x.mean(dim=-1, keepdim=True)
+            return x / (x.std(dim=-1, keepdim=True) + 1e-5)
+        return x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations [T, d_sae] (float32) for read-outs x [T, d_in]; the oracle for the fused path."""
+        return sae_encode_reference(self.normalise_input(x), self.W_enc, self.b_enc, self.b_dec, self.threshold, self.k)
+
+
+def weights_from_state(cfg: dict, state: dict[str, torch.Tensor], identity: dict | None = None) -> SAEWeights:
+    """Build SAEWeights from a SAELens config dict and state dict (the disk format's two halves)."""
+    arch = cfg.get("architecture", "standard")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise QdmError(f"SAE architecture '{arch}' is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    norm = cfg.get("normalize_activations", "none") or "none"
+    if norm not in SUPPORTED_NORMALISATIONS:
+        raise QdmError(
+            f"SAE input normalisation '{norm}' is not supported; supported: {', '.join(SUPPORTED_NORMALISATIONS)} "
+            "(fold it into the weights first, e.g. with SAELens)"
+        )
+    hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name")
+    if not hook:
+        raise QdmError("the SAE config names no hook_name; pass --hook blocks.L.hook_resid_post")
+    missing = [key for key in ("W_enc", "b_enc", "b_dec") if key not in state]
+    if missing:
+        raise QdmError(f"the SAE weights lack {', '.join(missing)}; is this a SAELens-format SAE?")
+    f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+    W_enc, b_enc, b_dec = f32(state["W_enc"]), f32(state["b_enc"]), f32(state["b_dec"])
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_dec = torch.zeros_like(b_dec)
+    threshold, k = None, None
+    if arch == "jumprelu":
+        if "threshold" in state:
+            threshold = f32(state["threshold"])
+        elif "log_threshold" in state:
+            threshold = f32(state["log_threshold"]).exp()
+        else:
+            raise QdmError("a JumpReLU SAE must carry 'threshold' (or 'log_threshold') in its weights")
+    elif arch == "topk":
+        k = int(cfg.get("k", 0))
+        if not 0 < k <= W_enc.shape[1]:
+            raise QdmError(f"TopK SAE has k={k}, outside 1..d_sae={W_enc.shape[1]}")
+        if cfg.get("rescale_acts_by_decoder_norm", False):
+            # pre * ||W_dec_i|| = x @ (W_enc * n) + b_enc * n: fold the rescale into the encoder.
+            n = f32(state["W_dec"]).norm(dim=-1)
+            W_enc, b_enc = W_enc * n, b_enc * n
+    return SAEWeights(W_enc, b_enc, b_dec, arch, hook, threshold, k, norm, dict(identity or {}))
+
+
+def _read_disk_folder(path: Path) -> tuple[dict, dict]:
+    """The SAELens disk format without SAELens: cfg.json and sae_weights.safetensors."""
+    from safetensors.torch import load_file
+
+    cfg_file, w_file = path / "cfg.json", path / "sae_weights.safetensors"
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise QdmError(f"SAE folder '{path}' must contain cfg.json and sae_weights.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QdmError(f"SAE config '{cfg_file}' is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    return cfg, load_file(str(w_file))
+
+
+def _sae_lens_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sae_lens") is not None
+
+
+def load_sae(spec: str | Path, device: str = "cpu") -> SAEWeights:
+    """Load `release:sae_id` (SAELens pretrained) or a SAELens-format folder into SAEWeights on `device`."""
+    path = Path(str(spec)).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise QdmError(f"--sae '{spec}' is a file; pass the SAE folder (cfg.json + sae_weights.safetensors)")
+        identity = {"source": str(path.resolve()), "loader": "sae_lens.SAE.load_from_disk"}
+        if _sae_lens_available():
+            cfg, _ = _read_disk_folder(path)  # same checks and messages on both paths
+            from sae_lens import SAE
+
+            try:
+                sae = SAE.load_from_disk(str(path), device="cpu")
+            except Exception as exc:  # SAELens raises many types for a malformed folder
+                raise QdmError(f"SAELens could not load SAE folder '{path}': {str(exc).splitlines()[0]}") from exc
+            cfg = sae.cfg.to_dict()
+            state = sae.state_dict()
+        else:
+            identity["loader"] = "qdm_engine disk reader (sae_lens not installed)"
+            cfg, state = _read_disk_folder(path)
+    elif ":" in str(spec) and not str(spec).startswith(("/", ".", "~")):
+        release, sae_id = str(spec).split(":", 1)
+        if not _sae_lens_available():
+            raise QdmError("--sae release:id needs SAELens: pip install sae-lens (or pass a local SAE folder)")
+        from sae_lens import SAE
+
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device="cpu")
+        except Exception as exc:  # unknown release/id, no network, ...
+            raise QdmError(f"could not load SAE '{spec}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        identity = {"source": str(spec), "release": release, "sae_id": sae_id, "loader": "sae_lens.SAE.from_pretrained"}
+        cfg, state = sae.cfg.to_dict(), sae.state_dict()
+    else:
+        raise QdmError(f"SAE '{spec}' does not exist; pass a SAELens-format folder or release:sae_id")
+    if isinstance(cfg.get("metadata"), dict) is False and hasattr(cfg.get("metadata"), "hook_name"):
+        cfg["metadata"] = {"hook_name": cfg["metadata"].hook_name}
+    weights = weights_from_state(cfg, state, identity)
+    weights.identity.update(architecture=weights.architecture, d_in=weights.d_in, d_sae=weights.d_sae,
+                            hook_name=weights.hook_name, k=weights.k, normalize=weights.normalize)
+    return weights.to(device)
