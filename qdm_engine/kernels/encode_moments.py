@@ -8,13 +8,87 @@ over positions into `FeatureMoments`, never holding more than one batch of activ
     TopK:     the k largest pre per position, relu'd; the rest 0
 Input normalisation (SAELens's per-token `constant_norm_rescale` / `layer_norm`) is applied by the
 caller before this function; a decoder-norm rescale of TopK pre-activations folds into W_enc and b_enc.
+
+Backends: `encode_moments_reference` (torch, materialises [T, F] activations) and
+`encode_moments_triton` (one fused kernel; the [T, F] activations never reach memory), chosen by
+the dispatch point `encode_moments`.
+
+The fused kernel
+----------------
+Program (g, f) owns a tile of BLOCK_F features and a contiguous range of `tokens_per_group` tokens
+(a "group"). It walks its range BLOCK_T tokens at a time; for each token tile it runs the K loop over
+d, loading one W_enc tile [BLOCK_D, BLOCK_F] and using it for both GEMMs (x_fp and x_c tiles, with
+b_dec subtracted in float32), accumulating in float32 with `tl.dot`. The epilogue adds b_enc, applies
+the activation and reduces the tile over its valid tokens (t < T and mask[t]):
+  * in float32, over the tile's <= BLOCK_T tokens: the shift c = tile mean, s1 = sum(x - c),
+    s2 = sum((x - c)^2), sxy = sum((x - c_x)(y - c_y)), fire counts and max x. Shifting by the tile
+    mean keeps the squares free of cancellation for features of large mean and small variance
+    (x - c is exact when x and c are within a factor 2, Sterbenz), and the short sums stay accurate.
+  * in float64, per tile: mean = c + s1/n, M2 = s2 - s1^2/n (exact correction for c not being the
+    exact mean), C = sxy - s1x*s1y/n; merged into the program's running float64 moments with Chan's
+    pairwise update, token tiles in order.
+Each program writes its group's moments (the 9 FeatureMoments fields, float64) to its own slot of a
+[G, 9, F] buffer; a second pass in torch merges the G groups with `FeatureMoments.merge` in group
+order. No atomics anywhere: the same inputs give bitwise the same result on every run.
+
+Precision of the GEMMs: `precision="tf32x3"` (default) splits each float32 operand into two tf32
+parts on the tensor cores (about float32 accuracy at three times the tf32 work); `"ieee"` is plain
+float32 FMA (slowest, closest to the reference); `"tf32"` is one tf32 product (fastest, ~1e-3
+relative error in pre-activations). The interpreter computes every mode as exact float32 products.
+
+TopK: the selection is made in torch, as the reference makes it: one extra GEMM per side computes
+the pre-activations (in token chunks, so at most `topk_chunk` x F floats at a time), `torch.topk`
+picks exactly k per token, and the choice is packed into a [T, ceil(F/32)] int32 bitmask. The fused
+kernel reads the bit for each (token, feature) and applies relu to its own pre-activation where set.
+So exactly k features per token are kept, with the reference's tie-breaking, and the values come
+from the fused GEMM; a threshold on "pre >= k-th value" would instead drop or add features whenever
+the two GEMMs round the boundary value differently.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qdm_engine.kernels.backend import check_launchable, interpreting, tl, triton, use_triton
 from qdm_engine.kernels.moments import FeatureMoments
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+_MODE_RELU, _MODE_JUMPRELU, _MODE_TOPK = 0, 1, 2
+_N_STATS = 9  # the FeatureMoments fields, in their order
+_GPU_TARGET_PROGRAMS = 4 * 132  # about four programs per H100 SM
+
+
+def _check_inputs(x_fp, x_c, W_enc, b_enc, b_dec, threshold, k, mask) -> None:
+    """Shape/consistency checks shared by both backends (ValueError with the offending shapes)."""
+    for name, t in (("x_fp", x_fp), ("x_c", x_c), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x_fp.shape != x_c.shape or x_fp.dim() != 2:
+        raise ValueError(f"x_fp and x_c must both be [T, d], got {tuple(x_fp.shape)} and {tuple(x_c.shape)}")
+    if W_enc.dim() != 2 or x_fp.shape[1] != W_enc.shape[0]:
+        raise ValueError(f"read-out width {x_fp.shape[1]} does not match W_enc {tuple(W_enc.shape)}")
+    d, f = W_enc.shape
+    if b_enc.shape != (f,):
+        raise ValueError(f"b_enc must have shape ({f},), got {tuple(b_enc.shape)}")
+    if b_dec.shape != (d,):
+        raise ValueError(f"b_dec must have shape ({d},), got {tuple(b_dec.shape)}")
+    if threshold is not None and k is not None:
+        raise ValueError("an SAE is either JumpReLU (threshold) or TopK (k), not both")
+    if threshold is not None and (not isinstance(threshold, torch.Tensor) or threshold.shape != (f,)):
+        raise ValueError(f"threshold must be a tensor of shape ({f},)")
+    if k is not None and (isinstance(k, bool) or int(k) != k or not 1 <= int(k) <= f):
+        raise ValueError(f"k must be an integer in 1..{f}, got {k!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != (x_fp.shape[0],) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a bool tensor of shape [T]")
+
+
+def _pre_reference(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """Float32 pre-activations (x - b_dec) @ W_enc + b_enc."""
+    f32 = torch.float32
+    return (x.to(f32) - b_dec.to(f32)) @ W_enc.to(f32) + b_enc.to(f32)
 
 
 def sae_encode_reference(
@@ -28,7 +102,7 @@ def sae_encode_reference(
     """SAE feature activations [T, F] in float32 for read-outs x [T, d]."""
     if threshold is not None and k is not None:
         raise ValueError("an SAE is either JumpReLU (threshold) or TopK (k), not both")
-    pre = (x.to(torch.float32) - b_dec.to(torch.float32)) @ W_enc.to(torch.float32) + b_enc.to(torch.float32)
+    pre = _pre_reference(x, W_enc, b_enc, b_dec)
     if k is not None:
         vals, idx = torch.topk(pre, k=int(k), dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
@@ -47,19 +121,289 @@ def encode_moments_reference(
     threshold: torch.Tensor | None = None,
     k: int | None = None,
     mask: torch.Tensor | None = None,
+    **_triton_only,
 ) -> FeatureMoments:
-    """Moments of (encode(x_fp), encode(x_c)) over the positions where `mask` (bool [T]) is True."""
-    if x_fp.shape != x_c.shape or x_fp.dim() != 2:
-        raise ValueError(f"x_fp and x_c must both be [T, d], got {tuple(x_fp.shape)} and {tuple(x_c.shape)}")
-    if x_fp.shape[1] != W_enc.shape[0]:
-        raise ValueError(f"read-out width {x_fp.shape[1]} does not match W_enc {tuple(W_enc.shape)}")
+    """Moments of (encode(x_fp), encode(x_c)) over the positions where `mask` (bool [T]) is True.
+
+    Keyword arguments meant for the Triton launcher (`precision`, block sizes) are accepted and ignored,
+    so both backends share one signature.
+    """
+    _check_inputs(x_fp, x_c, W_enc, b_enc, b_dec, threshold, k, mask)
     if mask is not None:
-        if mask.shape != (x_fp.shape[0],) or mask.dtype != torch.bool:
-            raise ValueError("mask must be a bool tensor of shape [T]")
         x_fp, x_c = x_fp[mask], x_c[mask]
     fx = sae_encode_reference(x_fp, W_enc, b_enc, b_dec, threshold, k)
     fy = sae_encode_reference(x_c, W_enc, b_enc, b_dec, threshold, k)
     return FeatureMoments.from_activations(fx, fy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+
+
+@triton.jit
+def _activate(pre, thr, sel_words, offs_f, MODE: tl.constexpr):
+    # pre: float32 [BLOCK_T, BLOCK_F]; thr: [BLOCK_F] (JumpReLU); sel_words: int32 [BLOCK_T, BLOCK_F]
+    # holding, per element, the bitmask word of its feature (TopK).
+    act = tl.maximum(pre, 0.0)
+    if MODE == 1:
+        act = tl.where(pre > thr[None, :], act, 0.0)
+    if MODE == 2:
+        bit = (sel_words >> (offs_f % 32)[None, :]) & 1
+        act = tl.where(bit != 0, act, 0.0)
+    return act
+
+
+@triton.jit
+def _tile_shifted_sums(a, v, n_f):
+    # a: float32 activations [BLOCK_T, BLOCK_F], zero at invalid rows; v: bool [BLOCK_T, 1] valid rows;
+    # n_f: float32 count of valid rows (>= 1). Returns the shift c (the tile mean), the deviations
+    # (zero at invalid rows), and s1 = sum(a - c) over valid rows.
+    c = tl.sum(a, axis=0) / n_f
+    dev = tl.where(v, a - c[None, :], 0.0)
+    return c, dev, tl.sum(dev, axis=0)
+
+
+@triton.jit
+def _encode_moments_kernel(
+    XF, XC, W, B_ENC, B_DEC, THR, SEL_F, SEL_C, MASK, PART,
+    T, D, F, tokens_per_group, n_groups,
+    stride_xf_t, stride_xf_d, stride_xc_t, stride_xc_d, stride_w_d, stride_w_f,
+    stride_self_t, stride_selc_t, stride_part_g, stride_part_s,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Programs are numbered group-fastest: the programs in flight together share W_enc tiles (the
+    # same feature tile across groups), which then come from L2.
+    pid = tl.program_id(0)
+    g = pid % n_groups
+    offs_f = (pid // n_groups) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = offs_f < F
+    b_enc = tl.load(B_ENC + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+    thr = tl.zeros([BLOCK_F], dtype=tl.float32)
+    if MODE == 1:
+        thr = tl.load(THR + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+
+    # Running float64 moments of this program's group (n kept per feature: it is one value).
+    n = tl.zeros([BLOCK_F], dtype=tl.float64)
+    mean_x = tl.zeros([BLOCK_F], dtype=tl.float64)
+    mean_y = tl.zeros([BLOCK_F], dtype=tl.float64)
+    m2x = tl.zeros([BLOCK_F], dtype=tl.float64)
+    m2y = tl.zeros([BLOCK_F], dtype=tl.float64)
+    cxy = tl.zeros([BLOCK_F], dtype=tl.float64)
+    fires_x = tl.zeros([BLOCK_F], dtype=tl.int32)
+    fires_y = tl.zeros([BLOCK_F], dtype=tl.int32)
+    max_x = tl.full([BLOCK_F], float("-inf"), dtype=tl.float32)
+
+    t_start = g * tokens_per_group
+    t_end = tl.minimum(t_start + tokens_per_group, T)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < t_end
+        rows = offs_t.to(tl.int64)
+        acc_x = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.float32)
+        acc_y = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            b_dec = tl.load(B_DEC + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            m_x = t_ok[:, None] & d_ok[None, :]
+            xf = tl.load(XF + rows[:, None] * stride_xf_t + offs_d[None, :] * stride_xf_d, mask=m_x, other=0.0)
+            xc = tl.load(XC + rows[:, None] * stride_xc_t + offs_d[None, :] * stride_xc_d, mask=m_x, other=0.0)
+            w = tl.load(
+                W + offs_d[:, None] * stride_w_d + offs_f[None, :] * stride_w_f,
+                mask=d_ok[:, None] & f_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            # One W tile, two GEMMs. Padding columns are 0 - 0 = 0; padding rows are never scored.
+            acc_x = tl.dot(xf.to(tl.float32) - b_dec[None, :], w, acc_x, input_precision=PRECISION)
+            acc_y = tl.dot(xc.to(tl.float32) - b_dec[None, :], w, acc_y, input_precision=PRECISION)
+
+        valid = t_ok
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + offs_t, mask=t_ok, other=0) != 0)
+        v = valid[:, None]
+        words_x = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.int32)
+        words_y = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.int32)
+        if MODE == 2:
+            m_sel = t_ok[:, None] & f_ok[None, :]
+            words_x = tl.load(SEL_F + rows[:, None] * stride_self_t + (offs_f // 32)[None, :], mask=m_sel, other=0)
+            words_y = tl.load(SEL_C + rows[:, None] * stride_selc_t + (offs_f // 32)[None, :], mask=m_sel, other=0)
+        ax = tl.where(v, _activate(acc_x + b_enc[None, :], thr, words_x, offs_f, MODE), 0.0)
+        ay = tl.where(v, _activate(acc_y + b_enc[None, :], thr, words_y, offs_f, MODE), 0.0)
+
+        # Float32 sums over this tile's valid tokens, shifted by the tile mean.
+        n_t = tl.sum(valid.to(tl.int32), axis=0)
+        n_f = tl.maximum(n_t, 1).to(tl.float32)
+        c_x, dx, s1x = _tile_shifted_sums(ax, v, n_f)
+        c_y, dy, s1y = _tile_shifted_sums(ay, v, n_f)
+        s2x = tl.sum(dx * dx, axis=0)
+        s2y = tl.sum(dy * dy, axis=0)
+        sxy = tl.sum(dx * dy, axis=0)
+        fires_x += tl.sum((v & (ax > 0.0)).to(tl.int32), axis=0)
+        fires_y += tl.sum((v & (ay > 0.0)).to(tl.int32), axis=0)
+        max_x = tl.maximum(max_x, tl.max(tl.where(v, ax, float("-inf")), axis=0))
+
+        # Float64: the tile's exact centred moments, then Chan's merge into the running ones.
+        n_b = tl.zeros([BLOCK_F], dtype=tl.float64) + n_t.to(tl.float64)
+        inv_b = 1.0 / tl.maximum(n_b, 1.0)
+        s1x64 = s1x.to(tl.float64)
+        s1y64 = s1y.to(tl.float64)
+        mean_bx = c_x.to(tl.float64) + s1x64 * inv_b
+        mean_by = c_y.to(tl.float64) + s1y64 * inv_b
+        m2_bx = tl.maximum(s2x.to(tl.float64) - s1x64 * s1x64 * inv_b, 0.0)
+        m2_by = tl.maximum(s2y.to(tl.float64) - s1y64 * s1y64 * inv_b, 0.0)
+        c_b = sxy.to(tl.float64) - s1x64 * s1y64 * inv_b
+        n_ab = n + n_b
+        w_b = n_b / tl.maximum(n_ab, 1.0)  # nb / (na + nb); 0 for an empty tile
+        ddx = mean_bx - mean_x
+        ddy = mean_by - mean_y
+        mean_x = mean_x + ddx * w_b
+        mean_y = mean_y + ddy * w_b
+        m2x = m2x + m2_bx + ddx * ddx * (n * w_b)
+        m2y = m2y + m2_by + ddy * ddy * (n * w_b)
+        cxy = cxy + c_b + ddx * ddy * (n * w_b)
+        n = n_ab
+
+    # This program's slot: PART[g, :, f-tile], the FeatureMoments fields in order.
+    out = PART + g.to(tl.int64) * stride_part_g + offs_f
+    tl.store(out + 0 * stride_part_s, n, mask=f_ok)
+    tl.store(out + 1 * stride_part_s, mean_x, mask=f_ok)
+    tl.store(out + 2 * stride_part_s, mean_y, mask=f_ok)
+    tl.store(out + 3 * stride_part_s, m2x, mask=f_ok)
+    tl.store(out + 4 * stride_part_s, m2y, mask=f_ok)
+    tl.store(out + 5 * stride_part_s, cxy, mask=f_ok)
+    tl.store(out + 6 * stride_part_s, fires_x.to(tl.float64), mask=f_ok)
+    tl.store(out + 7 * stride_part_s, fires_y.to(tl.float64), mask=f_ok)
+    tl.store(out + 8 * stride_part_s, max_x.to(tl.float64), mask=f_ok)
+
+
+def _gpu_configs():
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_T": 128, "BLOCK_F": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_T": 128, "BLOCK_F": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_T": 128, "BLOCK_F": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_T": 64, "BLOCK_F": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_T": 64, "BLOCK_F": 256, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_T": 128, "BLOCK_F": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
+    ]
+
+
+_encode_moments_tuned = triton.autotune(
+    configs=_gpu_configs(),
+    key=["D", "F", "MODE", "HAS_MASK", "PRECISION"],
+)(_encode_moments_kernel)
+
+
+def _topk_bitmask(x: torch.Tensor, W_enc, b_enc, b_dec, k: int, chunk: int) -> torch.Tensor:
+    """[T, ceil(F/32)] int32: bit (f % 32) of word f // 32 set where feature f is in token t's top k."""
+    t, f = x.shape[0], W_enc.shape[1]
+    words = torch.zeros(t, (f + 31) // 32, dtype=torch.int64, device=x.device)
+    for lo in range(0, t, chunk):
+        hi = min(lo + chunk, t)
+        idx = torch.topk(_pre_reference(x[lo:hi], W_enc, b_enc, b_dec), k=k, dim=-1, sorted=False).indices
+        # The k indices of a row are distinct, so adding their bits is OR-ing them (integer, exact).
+        words[lo:hi].scatter_add_(1, idx // 32, torch.ones_like(idx) << (idx % 32))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement int32
+
+
+def encode_moments_triton(
+    x_fp: torch.Tensor,
+    x_c: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor | None = None,
+    k: int | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    precision: str = "tf32x3",
+    tokens_per_group: int | None = None,
+    block_t: int | None = None,
+    block_f: int | None = None,
+    block_d: int | None = None,
+    topk_chunk: int | None = None,
+) -> FeatureMoments:
+    """Launch the fused paired encode + moments kernel; returns the batch's `FeatureMoments`.
+
+    Accepts x_fp, x_c [T, d] and W_enc [d, F] in float32/bfloat16/float16 (any strides), b_enc [F],
+    b_dec [d], threshold [F] (JumpReLU) of any of those dtypes, k in 1..F (TopK), mask bool [T]; all
+    on one CUDA device (or CPU under TRITON_INTERPRET=1). precision: "tf32x3" | "ieee" | "tf32".
+    tokens_per_group: tokens each program reduces (default: enough groups to fill the GPU; one group
+    in the interpreter). block_t / block_f / block_d (powers of two, >= 16) fix the tile instead of
+    the autotuned (GPU) or default (interpreter) choice; give all three or none. topk_chunk: tokens per
+    chunk of the TopK selection GEMM (default: about 2^25 pre-activations per chunk).
+    """
+    _check_inputs(x_fp, x_c, W_enc, b_enc, b_dec, threshold, k, mask)
+    tensors = (x_fp, x_c, W_enc, b_enc, b_dec, threshold, mask)
+    for name, t in zip(("x_fp", "x_c", "W_enc", "b_enc", "b_dec", "threshold"), tensors):
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} must be float32/bfloat16/float16, got {t.dtype}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    blocks = (block_t, block_f, block_d)
+    if any(b is not None for b in blocks):
+        if any(b is None for b in blocks):
+            raise ValueError("give block_t, block_f and block_d together, or none of them")
+        for b in blocks:
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"block sizes must be powers of two >= 16, got {blocks}")
+    if tokens_per_group is not None and (int(tokens_per_group) != tokens_per_group or tokens_per_group < 1):
+        raise ValueError(f"tokens_per_group must be a positive integer, got {tokens_per_group!r}")
+    if topk_chunk is not None and (int(topk_chunk) != topk_chunk or topk_chunk < 1):
+        raise ValueError(f"topk_chunk must be a positive integer, got {topk_chunk!r}")
+    check_launchable("encode_moments_triton", *tensors)
+
+    n_tok, d = x_fp.shape
+    n_feat = W_enc.shape[1]
+    device = x_fp.device
+    if n_tok == 0:
+        return FeatureMoments.zeros(n_feat, device=device)
+    mode = _MODE_RELU if threshold is None and k is None else (_MODE_JUMPRELU if k is None else _MODE_TOPK)
+    sel_f = sel_c = x_fp  # placeholders: never read unless MODE is TopK
+    if mode == _MODE_TOPK:
+        chunk = int(topk_chunk or max(1, (1 << 25) // n_feat))
+        sel_f = _topk_bitmask(x_fp, W_enc, b_enc, b_dec, int(k), chunk)
+        sel_c = _topk_bitmask(x_c, W_enc, b_enc, b_dec, int(k), chunk)
+
+    fixed = block_t is not None or interpreting()
+    if tokens_per_group is None:
+        if interpreting():
+            tokens_per_group = n_tok
+        else:  # enough groups for ~4 programs per SM at the nominal 128-feature tile; 256-token multiples
+            groups = max(1, -(-_GPU_TARGET_PROGRAMS // triton.cdiv(n_feat, block_f or 128)))
+            tokens_per_group = 256 * triton.cdiv(triton.cdiv(n_tok, groups), 256)
+    n_groups = triton.cdiv(n_tok, int(tokens_per_group))
+    part = torch.empty(n_groups, _N_STATS, n_feat, dtype=torch.float64, device=device)
+
+    args = (
+        x_fp, x_c, W_enc, b_enc, b_dec,
+        threshold if threshold is not None else b_enc, sel_f, sel_c,
+        mask.view(torch.uint8) if mask is not None else x_fp,
+        part,
+        n_tok, d, n_feat, int(tokens_per_group), n_groups,
+        x_fp.stride(0), x_fp.stride(1), x_c.stride(0), x_c.stride(1), W_enc.stride(0), W_enc.stride(1),
+        sel_f.stride(0), sel_c.stride(0), part.stride(0), part.stride(1),
+    )
+    meta = dict(MODE=mode, HAS_MASK=mask is not None, PRECISION=precision)
+    if fixed:
+        bt, bf, bd = (block_t, block_f, block_d) if block_t is not None else (64, 64, 64)
+        _encode_moments_kernel[(n_groups * triton.cdiv(n_feat, bf),)](
+            *args, **meta, BLOCK_T=bt, BLOCK_F=bf, BLOCK_D=bd
+        )
+    else:
+        grid = lambda m: (n_groups * triton.cdiv(n_feat, m["BLOCK_F"]),)  # noqa: E731
+        _encode_moments_tuned[grid](*args, **meta)
+
+    # Second pass: merge the groups in order, in float64 (deterministic: fixed order, no atomics).
+    acc = FeatureMoments.unpack(part[0])
+    for gi in range(1, n_groups):
+        acc = acc.merge(FeatureMoments.unpack(part[gi]))
+    return acc
 
 
 def encode_moments(
@@ -71,6 +415,10 @@ def encode_moments(
     threshold: torch.Tensor | None = None,
     k: int | None = None,
     mask: torch.Tensor | None = None,
+    *,
+    precision: str = "tf32x3",
 ) -> FeatureMoments:
-    """Dispatch point for the fused paired encode + moments (the reference until the Triton kernel lands)."""
+    """Dispatch point for the paired encode + moments: the fused Triton kernel on CUDA, else the reference."""
+    if use_triton(x_fp, x_c, W_enc, b_enc, b_dec, threshold, mask):
+        return encode_moments_triton(x_fp, x_c, W_enc, b_enc, b_dec, threshold, k, mask, precision=precision)
     return encode_moments_reference(x_fp, x_c, W_enc, b_enc, b_dec, threshold, k, mask)
