@@ -46,6 +46,24 @@ class OverlapResult:
             raise QdmError(f"unknown set type {set_type!r}: use non_survived, damaged or degraded")
         return float(rows["jaccard"].iloc[0])
 
+    def to_text(self) -> str:
+        """The plain-text report `qdm-engine overlap` prints."""
+        fmt = lambda v: f"{v:.4f}"  # noqa: E731
+        return "\n".join(
+            [
+                f"overlap of {self.a} and {self.b} over {self.n_active} features active in the FP run "
+                f"(survived r > {self.survival:g}, damaged r < {self.damage:g})",
+                self.sets.to_string(index=False, float_format=fmt),
+                "",
+                f"damage score d = 1 - r: Pearson {self.pearson_damage:.4f}, Spearman {self.spearman_damage:.4f} "
+                f"over {self.n_damage_pairs} features with r defined in both "
+                f"(undefined r: {self.a} {self.n_undefined_a}, {self.b} {self.n_undefined_b})",
+                "",
+                "by FP firing-rate decile (% of the decile's active features):",
+                self.deciles.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+            ]
+        )
+
     def summary(self) -> dict:
         """One flat record, shaped like the paper's overlap summary table."""
         return {

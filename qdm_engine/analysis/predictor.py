@@ -60,6 +60,31 @@ class PredictorResult:
     def frac_survived(self) -> float:
         return self.n_survived / self.n_samples
 
+    def to_text(self, condition: str | None = None) -> str:
+        """The plain-text report `qdm-engine predict` prints."""
+        where = {"ours": "scaler fitted inside each CV fold", "paper": "scaler fitted on all features before CV"}
+        quartiles = self.quartiles.pivot(index="statistic", columns="quartile", values="survived_pct")
+        quartiles = quartiles.loc[[s for s in STATISTICS if s in quartiles.index]]
+        quartiles.columns = [f"Q{int(q) + 1}" for q in quartiles.columns]
+        lines = [
+            f"survival predictor{f' for {condition}' if condition else ''} (recipe {self.recipe}: {where[self.recipe]})",
+            f"active features {self.n_samples}, survived (r > {self.survival:g}) {self.n_survived} "
+            f"({100 * self.frac_survived:.2f}%), undefined r {self.n_undefined}",
+            f"{len(self.fold_auc)}-fold CV ROC AUC {self.auc_mean:.4f} +- {self.auc_std:.4f} "
+            f"(folds {' '.join(f'{v:.4f}' for v in self.fold_auc)})",
+            "",
+            "standardised coefficients (full-data fit):",
+            self.coefficients.to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+            "",
+            "variance inflation factors (inf: exactly collinear):",
+            self.vif.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+            "",
+            "survival % by quartile of each statistic (Q1 lowest):",
+            quartiles.to_string(float_format=lambda v: f"{v:.1f}"),
+        ]
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         """JSON-ready record shaped like the paper's phase5_summary.json entry (VIF inf becomes None)."""
         vif = [

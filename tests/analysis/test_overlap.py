@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -213,3 +215,11 @@ def test_bad_threshold_message(make_features):
     a = make_features(np.random.default_rng(16), np.linspace(0, 1, 20))
     with pytest.raises(QdmError, match="damage threshold 0.95 exceeds survival threshold 0.9"):
         overlap(a, a.copy(), damage=0.95)
+
+
+def test_text_report(paper_rtn, paper_prune):
+    text = overlap(paper_rtn, paper_prune, labels=("int6", "prune-matched")).to_text()
+    assert "over 5688 features active in the FP run" in text
+    assert re.search(r"non_survived_corr_le_0.9\s+2139\s+2220\s+2016\s+2343\s+0.8604\s+123\s+204", text)
+    assert "Pearson 0.9508, Spearman 0.9756" in text
+    assert "prune-matched_mean_damage" in text

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -240,3 +241,11 @@ def test_bad_survival_threshold_message(make_features):
     features = make_features(np.random.default_rng(13), np.linspace(0, 1, 50))
     with pytest.raises(QdmError, match="survival threshold 1.5 is not a correlation"):
         fit_predictor(features, survival=1.5)
+
+
+def test_text_report(paper_fits):
+    text = paper_fits["paper"].to_text("int6")
+    assert text.startswith("survival predictor for int6 (recipe paper: scaler fitted on all features before CV)")
+    assert "5-fold CV ROC AUC 0.9242 +- 0.0074" in text
+    assert re.search(r"log_max_activation\s+13.2\s+61.3\s+79.3\s+95.9", text)
+    assert "not separately identifiable" in text
