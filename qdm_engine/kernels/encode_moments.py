@@ -57,7 +57,7 @@ PRECISIONS = ("tf32x3", "ieee", "tf32")
 
 _MODE_RELU, _MODE_JUMPRELU, _MODE_TOPK = 0, 1, 2
 _N_STATS = 9  # the FeatureMoments fields, in their order
-_GPU_TARGET_PROGRAMS = 4 * 132  # about four programs per H100 SM
+_PROGRAMS_PER_SM = 4  # enough programs in flight to hide the last wave's imbalance
 
 
 def _check_inputs(x_fp, x_c, W_enc, b_enc, b_dec, threshold, k, mask) -> None:
@@ -311,7 +311,7 @@ def _topk_bitmask(x: torch.Tensor, W_enc, b_enc, b_dec, k: int, chunk: int) -> t
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement int32
 
 
-def encode_moments_triton(
+def encode_moments_partials_triton(
     x_fp: torch.Tensor,
     x_c: torch.Tensor,
     W_enc: torch.Tensor,
@@ -327,8 +327,12 @@ def encode_moments_triton(
     block_f: int | None = None,
     block_d: int | None = None,
     topk_chunk: int | None = None,
-) -> FeatureMoments:
-    """Launch the fused paired encode + moments kernel; returns the batch's `FeatureMoments`.
+) -> torch.Tensor:
+    """Launch the fused paired encode + moments kernel; returns its per-group moments [G, 9, F] float64.
+
+    Slot g holds the `FeatureMoments` fields (in field order, n broadcast over features) of tokens
+    [g * tokens_per_group, (g + 1) * tokens_per_group); `merge_partials` combines them. The buffer is
+    filled with NaN before the launch, so a slot the kernel failed to write shows up as NaN.
 
     Accepts x_fp, x_c [T, d] and W_enc [d, F] in float32/bfloat16/float16 (any strides), b_enc [F],
     b_dec [d], threshold [F] (JumpReLU) of any of those dtypes, k in 1..F (TopK), mask bool [T]; all
@@ -362,7 +366,7 @@ def encode_moments_triton(
     n_feat = W_enc.shape[1]
     device = x_fp.device
     if n_tok == 0:
-        return FeatureMoments.zeros(n_feat, device=device)
+        return FeatureMoments.zeros(n_feat, device=device).pack()[None]
     mode = _MODE_RELU if threshold is None and k is None else (_MODE_JUMPRELU if k is None else _MODE_TOPK)
     sel_f = sel_c = x_fp  # placeholders: never read unless MODE is TopK
     if mode == _MODE_TOPK:
@@ -375,10 +379,11 @@ def encode_moments_triton(
         if interpreting():
             tokens_per_group = n_tok
         else:  # enough groups for ~4 programs per SM at the nominal 128-feature tile; 256-token multiples
-            groups = max(1, -(-_GPU_TARGET_PROGRAMS // triton.cdiv(n_feat, block_f or 128)))
+            n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+            groups = max(1, -(-_PROGRAMS_PER_SM * n_sm // triton.cdiv(n_feat, block_f or 128)))
             tokens_per_group = 256 * triton.cdiv(triton.cdiv(n_tok, groups), 256)
     n_groups = triton.cdiv(n_tok, int(tokens_per_group))
-    part = torch.empty(n_groups, _N_STATS, n_feat, dtype=torch.float64, device=device)
+    part = torch.full((n_groups, _N_STATS, n_feat), float("nan"), dtype=torch.float64, device=device)
 
     args = (
         x_fp, x_c, W_enc, b_enc, b_dec,
@@ -399,11 +404,34 @@ def encode_moments_triton(
         grid = lambda m: (n_groups * triton.cdiv(n_feat, m["BLOCK_F"]),)  # noqa: E731
         _encode_moments_tuned[grid](*args, **meta)
 
-    # Second pass: merge the groups in order, in float64 (deterministic: fixed order, no atomics).
+    return part
+
+
+def merge_partials(part: torch.Tensor) -> FeatureMoments:
+    """Second pass: merge the [G, 9, F] group moments in group order, in float64 (deterministic)."""
+    if part.dim() != 3 or part.shape[1] != _N_STATS or part.shape[0] < 1 or part.dtype != torch.float64:
+        raise ValueError(f"expected float64 partial moments [G, {_N_STATS}, F], got {tuple(part.shape)} {part.dtype}")
     acc = FeatureMoments.unpack(part[0])
-    for gi in range(1, n_groups):
-        acc = acc.merge(FeatureMoments.unpack(part[gi]))
+    for g in range(1, part.shape[0]):
+        acc = acc.merge(FeatureMoments.unpack(part[g]))
     return acc
+
+
+def encode_moments_triton(
+    x_fp: torch.Tensor,
+    x_c: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    threshold: torch.Tensor | None = None,
+    k: int | None = None,
+    mask: torch.Tensor | None = None,
+    **launch,
+) -> FeatureMoments:
+    """The fused kernel's `FeatureMoments` for one batch (see `encode_moments_partials_triton` for the
+    accepted inputs and the keyword arguments `precision`, `tokens_per_group`, block sizes, `topk_chunk`)."""
+    part = encode_moments_partials_triton(x_fp, x_c, W_enc, b_enc, b_dec, threshold, k, mask, **launch)
+    return merge_partials(part)
 
 
 def encode_moments(
