@@ -223,3 +223,16 @@ def test_text_report(paper_rtn, paper_prune):
     assert re.search(r"non_survived_corr_le_0.9\s+2139\s+2220\s+2016\s+2343\s+0.8604\s+123\s+204", text)
     assert "Pearson 0.9508, Spearman 0.9756" in text
     assert "prune-matched_mean_damage" in text
+
+
+def test_parquet_round_trip(tmp_path, make_features):
+    """Tables read back from features/<condition>.parquet give the same overlap as the in-memory ones."""
+    rng = np.random.default_rng(17)
+    a, b, _, _, _ = _pair(rng, make_features, n=300)
+    a.to_parquet(tmp_path / "int6.parquet", index=False)
+    b.to_parquet(tmp_path / "prune-matched.parquet", index=False)
+    fa, fb = pd.read_parquet(tmp_path / "int6.parquet"), pd.read_parquet(tmp_path / "prune-matched.parquet")
+    got, want = overlap(fa, fb), overlap(a, b)
+    pd.testing.assert_frame_equal(got.sets, want.sets)
+    pd.testing.assert_frame_equal(got.deciles, want.deciles)
+    assert got.summary() == want.summary() or np.isnan(want.pearson_damage)
