@@ -144,7 +144,7 @@ def sweep(
         lm, tok, model_id = default.load_default_model(dtype=torch_dtype, progress=progress)
         lm = lm.to(device)
     else:
-        lm, tok, model_id = load_model(model, gguf_file, torch_dtype, device, trust_remote_code)
+        lm, tok, model_id = load_model(model, gguf_file, torch_dtype, device, trust_remote_code, progress)
     sae_w = load_sae(sae if sae is not None else default.DEFAULT_SAE_DIR, device=device)
 
     hook = hook or sae_w.hook_name

@@ -1,0 +1,144 @@
+"""`qdm-engine sweep` end to end on a tiny random model and SAE, and every user error it reports."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import build_sae, build_tiny_model
+from qdm_engine.analysis.results import FEATURE_COLUMNS, list_conditions, load_features
+from qdm_engine.cli import main
+
+
+def sweep_args(model, sae, text, out, *extra):
+    return ["sweep", "--model", str(model), "--sae", str(sae), "--text", str(text), "--tokens", "512",
+            "--block-len", "32", "--batch-size", "4", "--quiet", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama, tiny_sae, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    rc = main(sweep_args(tiny_llama, tiny_sae, text_file, out, "--bits", "8..4", "--prune", "0.5", "--null"))
+    return rc, out
+
+
+def test_sweep_writes_a_complete_run(run):
+    rc, out = run
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["model_type"] == "llama" and config["sae"]["d_sae"] == 128
+    assert config["versions"]["torch"] and config["tokens"]["bos"] is True
+    assert config["tokens"]["scored_positions"] == 16 * 31
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["condition"].tolist() == ["fp", "fp-null", "int8", "int7", "int6", "int5", "int4", "prune-0.5"]
+    assert json.loads((out / "summary.json").read_text())[2]["condition"] == "int8"
+    assert (summary["n_tokens"] == 16 * 31).all()
+    assert summary.loc[1:, ["survived_pct", "degraded_pct", "damaged_pct"]].sum(axis=1).between(99.999, 100.001).all()
+    assert sorted(list_conditions(out)) == sorted(summary["condition"][1:])
+    for cond in list_conditions(out):
+        df = load_features(out, cond)
+        assert tuple(df.columns) == FEATURE_COLUMNS and len(df) == 128
+        assert df["feature"].tolist() == list(range(128))
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_null_condition_is_exactly_one(run):
+    _, out = run
+    null = load_features(out, "fp-null")
+    active = null[null["active"]]
+    assert len(active) > 5
+    np.testing.assert_allclose(active["r"], 1.0, rtol=0, atol=1e-12)
+    assert (active["cls"] == "survived").all()
+    row = pd.read_csv(out / "summary.csv").set_index("condition").loc["fp-null"]
+    assert row["survived_pct"] == 100.0 and row["dppl_pct"] == 0.0
+
+
+def test_fp_statistics_identical_across_conditions(run):
+    _, out = run
+    a, b = load_features(out, "int8"), load_features(out, "prune-0.5")
+    for col in ("fp_rate", "fp_mean", "fp_peak", "active"):
+        assert a[col].equals(b[col]), col
+
+
+def test_console_script_prints_the_table(tiny_llama, tiny_sae, text_file, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "qdm_engine.cli", *sweep_args(tiny_llama, tiny_sae, text_file, out, "--bits", "8,4")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:4] == ["condition", "bits", "PPL", "dPPL"]
+    assert [ln.split()[0] for ln in lines[2:5]] == ["fp", "int8", "int4"]
+    assert "auditing" in proc.stderr and str(out) in proc.stdout
+
+
+# ---- errors: one line on stderr, exit 2, no traceback, no results folder ----------------------------
+
+@pytest.fixture(scope="module")
+def odd_inputs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("odd")
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from conftest import make_text, make_tokenizer
+
+    tok = make_tokenizer(make_text())
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=3,
+                                                     num_attention_heads=4, word_embed_proj_dim=32))
+    opt.save_pretrained(base / "opt")
+    tok.save_pretrained(base / "opt")
+    (base / "empty.txt").write_text("\n  \n")
+    return {
+        "sae16": build_sae(base / "sae16", d_in=16),
+        "opt": base / "opt",
+        "empty": base / "empty.txt",
+    }
+
+
+ERROR_CASES = {
+    "d_in mismatch": (lambda i: dict(sae=i["sae16"]), "SAE d_in 16 does not match the model's d_model 32"),
+    "bad hook": (lambda i: dict(extra=["--hook", "blocks.7.hook_resid_post"]),
+                 "hook 'blocks.7.hook_resid_post' does not exist in this model; valid hooks: blocks.L.hook_resid_pre or blocks.L.hook_resid_post with L in 0..2"),
+    "bits range": (lambda i: dict(extra=["--bits", "1..4"]), "--bits 1..4: 1 is outside 2..16"),
+    "bits high": (lambda i: dict(extra=["--bits", "17"]), "17 is outside 2..16"),
+    "empty text": (lambda i: dict(text=i["empty"]), "is empty"),
+    "missing text": (lambda i: dict(text=i["empty"].parent / "missing.txt"), "does not exist"),
+    "budget": (lambda i: dict(extra=["--tokens", "16", "--block-len", "32"]), "--tokens 16 is smaller than one block"),
+    "family": (lambda i: dict(model=i["opt"]), "model family 'opt' is not supported for compression; supported: gemma2, gpt2, gpt_neox, llama, mistral, qwen2"),
+    "model path": (lambda i: dict(model=i["empty"].parent / "no-model"), "model path .* does not exist"),
+    "sae path": (lambda i: dict(sae=i["empty"].parent / "no-sae"), "SAE .* does not exist"),
+    "prune": (lambda i: dict(extra=["--prune", "1.5"]), "sparsity must be in \\[0, 1\\)"),
+    "batch": (lambda i: dict(extra=["--batch-size", "0"]), "expected a positive number"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors(case, odd_inputs, tiny_llama, tiny_sae, text_file, tmp_path, capsys):
+    make, message = ERROR_CASES[case]
+    kw = make(odd_inputs)
+    out = tmp_path / "run"
+    args = sweep_args(kw.get("model", tiny_llama), kw.get("sae", tiny_sae), kw.get("text", text_file), out, *kw.get("extra", []))
+    assert run_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert re.search(message, err[0]), err[0]
+    assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+def run_main(args) -> int:
+    """main()'s exit code, also when argparse itself exits (it raises SystemExit)."""
+    try:
+        return main(args)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_existing_results_are_never_overwritten(tiny_llama, tiny_sae, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(sweep_args(tiny_llama, tiny_sae, text_file, out)) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
