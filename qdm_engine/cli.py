@@ -15,6 +15,16 @@ from qdm_engine import __version__
 from qdm_engine.errors import QdmError
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows a flag's default only when it has a real one (not None, False or an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2), matching every other error the tool reports."""
 
@@ -42,7 +52,7 @@ def _add_sweep(sub) -> None:
             "correlation and the survived/degraded/damaged split. With no --model/--sae it audits the "
             "embedded default model and SAE."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     g = p.add_argument_group("what to audit")
     g.add_argument("--bits", default="8..4", help="RTN bit widths: a range like 8..4 or a list like 8,6,4 (each 2..16)")
@@ -95,6 +105,75 @@ def _run_sweep(args) -> int:
     return 0
 
 
+def _thresholds_of(run_dir) -> dict:
+    from qdm_engine.analysis.results import load_config
+
+    return load_config(run_dir).get("thresholds", {})
+
+
+def _add_analyses(sub) -> None:
+    p = sub.add_parser("predict", formatter_class=_Help,
+                       help="which features are fragile? logistic regression on FP statistics of a run",
+                       description="Predict survival of each active feature from its FP statistics only "
+                                   "(rarity, log mean, log peak, log concentration): 5-fold CV ROC AUC, "
+                                   "standardised coefficients, VIF and survival by quartile (METHOD.md section 7).")
+    p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
+    p.add_argument("--condition", default="int6", help="condition whose survival is predicted")
+    p.add_argument("--recipe", choices=["ours", "paper"], default="ours",
+                   help="ours: scaler fitted inside each CV fold; paper: scaler fitted on all data first")
+    p.set_defaults(func=_run_predict)
+
+    p = sub.add_parser("overlap", formatter_class=_Help,
+                       help="do two conditions damage the same features? Jaccard, damage correlation, deciles",
+                       description="Compare two conditions of one run (METHOD.md section 8): Jaccard of the "
+                                   "non-survived, damaged and degraded sets, Pearson and Spearman of damage "
+                                   "scores, and non-survival by FP firing-rate decile.")
+    p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
+    p.add_argument("--a", required=True, help="first condition, e.g. int6")
+    p.add_argument("--b", required=True, help="second condition, e.g. prune-0.175")
+    p.set_defaults(func=_run_overlap)
+
+    p = sub.add_parser("thresholds", formatter_class=_Help,
+                       help="survived/degraded/damaged %% over a grid of thresholds, from stored tables",
+                       description="Recount the taxonomy for survival thresholds 0.80-0.95 x damage thresholds "
+                                   "0.3-0.7 from a run's per-feature tables, without rerunning any model.")
+    p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
+    p.add_argument("--condition", action="append", help="condition(s) to tabulate (default: all)")
+    p.set_defaults(func=_run_thresholds)
+
+
+def _run_predict(args) -> int:
+    from qdm_engine.analysis.predictor import fit_predictor
+    from qdm_engine.analysis.results import load_features
+
+    th = _thresholds_of(args.run)
+    res = fit_predictor(load_features(args.run, args.condition), recipe=args.recipe,
+                        survival=th.get("survived", 0.9))
+    print(res.to_text(args.condition))
+    return 0
+
+
+def _run_overlap(args) -> int:
+    from qdm_engine.analysis.overlap import overlap
+    from qdm_engine.analysis.results import load_features
+
+    th = _thresholds_of(args.run)
+    res = overlap(load_features(args.run, args.a), load_features(args.run, args.b), labels=(args.a, args.b),
+                  survival=th.get("survived", 0.9), damage=th.get("damaged", 0.5))
+    print(res.to_text())
+    return 0
+
+
+def _run_thresholds(args) -> int:
+    from qdm_engine.analysis.results import list_conditions, load_features
+    from qdm_engine.analysis.thresholds import threshold_grid_run
+
+    names = args.condition or [c for c in list_conditions(args.run) if c != "fp-null"]
+    grid = threshold_grid_run({c: load_features(args.run, c) for c in names})
+    print(grid.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qdm-engine",
@@ -103,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qdm-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_sweep(sub)
+    _add_analyses(sub)
     return parser
 
 
@@ -117,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except QdmError as exc:
         print(f"qdm-engine: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("qdm-engine: interrupted; no results folder was completed", file=sys.stderr)
         return 130

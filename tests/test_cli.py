@@ -142,3 +142,15 @@ def test_existing_results_are_never_overwritten(tiny_llama, tiny_sae, text_file,
     assert main(sweep_args(tiny_llama, tiny_sae, text_file, out)) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_analysis_commands_read_the_run(run, capsys):
+    _, out = run
+    assert main(["overlap", str(out), "--a", "int4", "--b", "prune-0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "overlap of int4 and prune-0.5" in text and "Spearman" in text
+    assert main(["thresholds", str(out), "--condition", "int4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + 4 * 5  # header + survival 0.80..0.95 x damage 0.3..0.7
+    assert main(["overlap", str(out), "--a", "int4", "--b", "int9"]) == 2
+    assert "condition 'int9' is not in run" in capsys.readouterr().err

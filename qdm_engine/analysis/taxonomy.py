@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from qdm_engine.analysis.thresholds import CLASSES, check_thresholds, classify_active
 from qdm_engine.errors import QdmError
 
-CLASSES = ("survived", "degraded", "damaged", "undefined", "inactive")
+__all__ = ["CLASSES", "Thresholds", "classify", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -26,26 +27,16 @@ class Thresholds:
     def __post_init__(self):
         if not 0.0 <= self.active < 1.0:
             raise QdmError(f"active-rate threshold must be in [0, 1), got {self.active}")
-        if not -1.0 <= self.damaged <= self.survived <= 1.0:
-            raise QdmError(
-                f"thresholds must satisfy -1 <= damaged ({self.damaged}) <= survived ({self.survived}) <= 1"
-            )
+        check_thresholds(self.survived, self.damaged)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def classify(r: np.ndarray, fp_rate: np.ndarray, th: Thresholds = Thresholds()) -> np.ndarray:
-    """Class label per feature (one of CLASSES)."""
-    r = np.asarray(r, dtype=np.float64)
+    """Class label per feature (one of CLASSES): active means FP firing rate above `th.active`."""
     active = np.asarray(fp_rate, dtype=np.float64) > th.active
-    cls = np.full(r.shape, "inactive", dtype=object)
-    defined = active & ~np.isnan(r)
-    cls[active & np.isnan(r)] = "undefined"
-    cls[defined & (r > th.survived)] = "survived"
-    cls[defined & (r < th.damaged)] = "damaged"
-    cls[defined & (r >= th.damaged) & (r <= th.survived)] = "degraded"
-    return cls
+    return classify_active(r, active, survival=th.survived, damage=th.damaged)
 
 
 def summarize(features: pd.DataFrame) -> dict:
