@@ -20,13 +20,18 @@ Program (g, f) owns a tile of BLOCK_F features and a contiguous range of `tokens
 d, loading one W_enc tile [BLOCK_D, BLOCK_F] and using it for both GEMMs (x_fp and x_c tiles, with
 b_dec subtracted in float32), accumulating in float32 with `tl.dot`. The epilogue adds b_enc, applies
 the activation and reduces the tile over its valid tokens (t < T and mask[t]):
-  * in float32, over the tile's <= BLOCK_T tokens: the shift c = tile mean, s1 = sum(x - c),
-    s2 = sum((x - c)^2), sxy = sum((x - c_x)(y - c_y)), fire counts and max x. Shifting by the tile
-    mean keeps the squares free of cancellation for features of large mean and small variance
-    (x - c is exact when x and c are within a factor 2, Sterbenz), and the short sums stay accurate.
-  * in float64, per tile: mean = c + s1/n, M2 = s2 - s1^2/n (exact correction for c not being the
-    exact mean), C = sxy - s1x*s1y/n; merged into the program's running float64 moments with Chan's
-    pairwise update, token tiles in order.
+  * the shift c = the float32 tile mean; in float64, over the tile's <= BLOCK_T tokens, the
+    deviations x - c (exact: both are float32), s1 = sum(x - c), s2 = sum((x - c)^2) and
+    sxy = sum((x - c_x)(y - c_y)) (products of float32-sized values, exact), with fire counts and
+    max x. Shifting by the tile mean keeps the squares free of cancellation for features of large
+    mean and small variance;
+  * in float64, per tile: mean = c + s1/n, M2 = s2 - s1^2/n (the exact correction for c not being
+    the exact mean), C = sxy - s1x*s1y/n; merged into the program's running float64 moments with
+    Chan's pairwise update, token tiles in order.
+  Float32 sums here were tried first and cost r about 1e-6 on very sparse features (one firing in a
+  tile). The float64 tile work is ~14 float64 operations per activation pair, against 4*d
+  tensor-core operations (times 3 for tf32x3) for the two GEMMs: a few per cent of the GEMM time at
+  d >= 512 on an H100 (67 TFLOP/s float64 against ~500 TFLOP/s tf32), to be confirmed on the GPU.
 Each program writes its group's moments (the 9 FeatureMoments fields, float64) to its own slot of a
 [G, 9, F] buffer; a second pass in torch merges the G groups with `FeatureMoments.merge` in group
 order. No atomics anywhere: the same inputs give bitwise the same result on every run.
@@ -154,13 +159,13 @@ def _activate(pre, thr, sel_words, offs_f, MODE: tl.constexpr):
 
 
 @triton.jit
-def _tile_shifted_sums(a, v, n_f):
+def _tile_deviations(a, v, n_f):
     # a: float32 activations [BLOCK_T, BLOCK_F], zero at invalid rows; v: bool [BLOCK_T, 1] valid rows;
-    # n_f: float32 count of valid rows (>= 1). Returns the shift c (the tile mean), the deviations
-    # (zero at invalid rows), and s1 = sum(a - c) over valid rows.
+    # n_f: float32 count of valid rows (>= 1). Returns the shift c (the float32 tile mean) and the
+    # float64 deviations a - c, zero at invalid rows (a difference of two float32 values is exact in
+    # float64 unless their exponents are ~29 apart).
     c = tl.sum(a, axis=0) / n_f
-    dev = tl.where(v, a - c[None, :], 0.0)
-    return c, dev, tl.sum(dev, axis=0)
+    return c, tl.where(v, a.to(tl.float64) - c.to(tl.float64)[None, :], 0.0)
 
 
 @triton.jit
@@ -235,28 +240,30 @@ def _encode_moments_kernel(
         ax = tl.where(v, _activate(acc_x + b_enc[None, :], thr, words_x, offs_f, MODE), 0.0)
         ay = tl.where(v, _activate(acc_y + b_enc[None, :], thr, words_y, offs_f, MODE), 0.0)
 
-        # Float32 sums over this tile's valid tokens, shifted by the tile mean.
+        # Deviations from the float32 tile mean, their products and sums in float64: in effect an
+        # exact two-pass over the tile's float32 activations.
         n_t = tl.sum(valid.to(tl.int32), axis=0)
         n_f = tl.maximum(n_t, 1).to(tl.float32)
-        c_x, dx, s1x = _tile_shifted_sums(ax, v, n_f)
-        c_y, dy, s1y = _tile_shifted_sums(ay, v, n_f)
-        s2x = tl.sum(dx * dx, axis=0)
-        s2y = tl.sum(dy * dy, axis=0)
-        sxy = tl.sum(dx * dy, axis=0)
         fires_x += tl.sum((v & (ax > 0.0)).to(tl.int32), axis=0)
         fires_y += tl.sum((v & (ay > 0.0)).to(tl.int32), axis=0)
         max_x = tl.maximum(max_x, tl.max(tl.where(v, ax, float("-inf")), axis=0))
+        c_x, dx64 = _tile_deviations(ax, v, n_f)
+        c_y, dy64 = _tile_deviations(ay, v, n_f)
+        s1x = tl.sum(dx64, axis=0)
+        s1y = tl.sum(dy64, axis=0)
+        s2x = tl.sum(dx64 * dx64, axis=0)
+        s2y = tl.sum(dy64 * dy64, axis=0)
+        sxy = tl.sum(dx64 * dy64, axis=0)
 
-        # Float64: the tile's exact centred moments, then Chan's merge into the running ones.
+        # Float64: the tile's exact centred moments (c is not exactly the mean; s1 corrects for it),
+        # then Chan's merge into the running ones.
         n_b = tl.zeros([BLOCK_F], dtype=tl.float64) + n_t.to(tl.float64)
         inv_b = 1.0 / tl.maximum(n_b, 1.0)
-        s1x64 = s1x.to(tl.float64)
-        s1y64 = s1y.to(tl.float64)
-        mean_bx = c_x.to(tl.float64) + s1x64 * inv_b
-        mean_by = c_y.to(tl.float64) + s1y64 * inv_b
-        m2_bx = tl.maximum(s2x.to(tl.float64) - s1x64 * s1x64 * inv_b, 0.0)
-        m2_by = tl.maximum(s2y.to(tl.float64) - s1y64 * s1y64 * inv_b, 0.0)
-        c_b = sxy.to(tl.float64) - s1x64 * s1y64 * inv_b
+        mean_bx = c_x.to(tl.float64) + s1x * inv_b
+        mean_by = c_y.to(tl.float64) + s1y * inv_b
+        m2_bx = tl.maximum(s2x - s1x * s1x * inv_b, 0.0)
+        m2_by = tl.maximum(s2y - s1y * s1y * inv_b, 0.0)
+        c_b = sxy - s1x * s1y * inv_b
         n_ab = n + n_b
         w_b = n_b / tl.maximum(n_ab, 1.0)  # nb / (na + nb); 0 for an empty tile
         ddx = mean_bx - mean_x
