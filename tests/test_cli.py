@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import build_sae, build_tiny_model
+from qdm_testing import build_sae, build_tiny_model
 from qdm_engine.analysis.results import FEATURE_COLUMNS, list_conditions, load_features
 from qdm_engine.cli import main
 
@@ -82,7 +82,7 @@ def odd_inputs(tmp_path_factory):
     base = tmp_path_factory.mktemp("odd")
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from conftest import make_text, make_tokenizer
+    from qdm_testing import make_text, make_tokenizer
 
     tok = make_tokenizer(make_text())
     opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=3,

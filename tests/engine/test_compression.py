@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from qdm_testing import build_tiny_model
 from qdm_engine.engine.compression import RTN, FPWeights, MagnitudePrune, parse_bits, target_weights
 from qdm_engine.engine.models import load_model
 from qdm_engine.errors import QdmError

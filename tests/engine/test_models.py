@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import N_LAYERS, build_tiny_model
+from qdm_testing import N_LAYERS, build_tiny_model
 from qdm_engine.engine.models import decoder_layers, load_model, parse_hook, read_out
 from qdm_engine.errors import QdmError
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from conftest import build_sae
+from qdm_testing import build_sae
 from qdm_engine.engine import sae as sae_mod
 from qdm_engine.engine.sae import load_sae
 from qdm_engine.errors import QdmError

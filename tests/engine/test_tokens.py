@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_text, make_tokenizer
+from qdm_testing import make_text, make_tokenizer
 from qdm_engine.engine.tokens import make_blocks, read_text
 from qdm_engine.errors import QdmError
 
