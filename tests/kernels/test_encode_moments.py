@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qdm_engine.kernels import encode_moments as em
+from qdm_engine.kernels.backend import interpreting
 from qdm_engine.kernels.encode_moments import (
     encode_moments,
     encode_moments_partials_triton,
@@ -20,6 +21,9 @@ from qdm_engine.kernels.encode_moments import (
 )
 from qdm_engine.kernels.moments import FeatureMoments
 
+# CPU tensors through the interpreter here; CUDA tensors on a GPU machine with TRITON_INTERPRET=0
+# (the dyadic inputs stay exact under tf32x3 too: their tf32 splits have no low part).
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 BLOCKS = dict(block_t=32, block_f=32, block_d=32)  # 100 tokens, d 48, F 80: no dimension a multiple
 LARGE = [0, 1, 2]  # features with mean ~3e4 and spread ~1e-2
 
@@ -38,6 +42,16 @@ def _dyadic_case(seed, t=100, d=48, f=80, dtype=torch.float32, w_dtype=torch.flo
     mask = torch.rand(t, generator=g) > 0.15
     return dict(x_fp=x_fp.to(dtype), x_c=x_c.to(dtype), W_enc=W.to(w_dtype), b_enc=b_enc, b_dec=b_dec,
                 threshold=threshold, mask=mask)
+
+
+def _dev(*tensors):
+    return [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def _fused(x_fp, x_c, W_enc, b_enc, b_dec, threshold=None, k=None, mask=None, **launch) -> FeatureMoments:
+    """The fused kernel on DEVICE; moments back on CPU."""
+    args = _dev(x_fp, x_c, W_enc, b_enc, b_dec, threshold, k, mask)
+    return encode_moments_triton(*args, **launch).to("cpu")
 
 
 def _float64_moments(fx: np.ndarray, fy: np.ndarray) -> dict:
@@ -87,7 +101,7 @@ def test_matches_float64_reference(activation, use_mask):
     threshold = case["threshold"] if activation == "jumprelu" else None
     k = 7 if activation == "topk" else None
     mask = case["mask"] if use_mask else None
-    m = encode_moments_triton(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"], case["b_dec"],
+    m = _fused(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"], case["b_dec"],
                               threshold, k, mask, **BLOCKS, tokens_per_group=40)
     _assert_moments(m, _expected(case, threshold, k, mask))
 
@@ -96,7 +110,7 @@ def test_matches_float64_reference(activation, use_mask):
                                            (torch.bfloat16, torch.float16)])
 def test_half_precision_inputs(dtype, w_dtype):
     case = _dyadic_case(seed=5, dtype=dtype, w_dtype=w_dtype)
-    m = encode_moments_triton(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"].to(dtype),
+    m = _fused(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"].to(dtype),
                               case["b_dec"].to(dtype), case["threshold"].to(dtype), None, case["mask"], **BLOCKS)
     case["b_enc"], case["b_dec"] = case["b_enc"].to(dtype), case["b_dec"].to(dtype)
     _assert_moments(m, _expected(case, case["threshold"].to(dtype), None, case["mask"]))
@@ -106,7 +120,7 @@ def test_large_mean_small_variance_features():
     """Features 0-2 have mean ~3e4 and spread ~1e-2 (variance / mean^2 ~ 1e-13). The kernel's shifted
     float32 tile sums with float64 merges hold r to 1e-6; float32 raw sums cannot even get its sign."""
     case = _dyadic_case(seed=7, t=150)
-    m = encode_moments_triton(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"], case["b_dec"],
+    m = _fused(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"], case["b_dec"],
                               **BLOCKS, tokens_per_group=64)
     ref = _expected(case)
     _assert_moments(m, ref)
@@ -132,7 +146,7 @@ def test_batches_merged_in_any_split_and_group_size():
 
     def run(lo, hi, **kw):
         sl = slice(lo, hi)
-        return encode_moments_triton(case["x_fp"][sl], case["x_c"][sl], *args, None, case["mask"][sl], **kw)
+        return _fused(case["x_fp"][sl], case["x_c"][sl], *args, None, case["mask"][sl], **kw)
 
     whole = run(0, 130, block_t=16, block_f=16, block_d=16, tokens_per_group=48)  # ragged groups
     _assert_moments(whole, ref)
@@ -148,8 +162,8 @@ def test_batches_merged_in_any_split_and_group_size():
 
 def test_each_group_slot_holds_its_own_tokens():
     case = _dyadic_case(seed=13, t=100)
-    part = encode_moments_partials_triton(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"],
-                                          case["b_dec"], mask=case["mask"], **BLOCKS, tokens_per_group=40)
+    args = _dev(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"], case["b_dec"], None, None, case["mask"])
+    part = encode_moments_partials_triton(*args, **BLOCKS, tokens_per_group=40).cpu()
     assert part.shape == (3, 9, 80) and not torch.isnan(part).any()
     for g, (lo, hi) in enumerate([(0, 40), (40, 80), (80, 100)]):
         ref = _expected(case, mask=case["mask"], rows=slice(lo, hi))
@@ -168,7 +182,7 @@ def test_random_inputs_agree_with_reference_backend():
     x_c = x_fp + 0.3 * torch.randn(t, d, generator=g)
     W, b_enc, b_dec = torch.randn(d, f, generator=g) / d**0.5, 0.2 * torch.randn(f, generator=g), torch.randn(d, generator=g)
     mask = torch.rand(t, generator=g) > 0.1
-    m = encode_moments_triton(x_fp, x_c, W, b_enc, b_dec, None, None, mask)  # the interpreter's default tile
+    m = _fused(x_fp, x_c, W, b_enc, b_dec, None, None, mask)  # the interpreter's default tile
     ref = encode_moments_reference(x_fp, x_c, W, b_enc, b_dec, None, None, mask)
     # the two GEMMs round differently (~1e-7 relative), so compare r, not bits
     r, r_ref = m.pearson(), ref.pearson()
@@ -185,7 +199,7 @@ def test_fp_vs_fp_null_is_one(activation):
     x = torch.randn(100, 48, generator=g)
     W, b_enc, b_dec = torch.randn(48, 80, generator=g) / 7, 0.1 * torch.randn(80, generator=g), torch.randn(48, generator=g)
     k = 9 if activation == "topk" else None
-    m = encode_moments_triton(x, x.clone(), W, b_enc, b_dec, None, k, None, **BLOCKS, tokens_per_group=48)
+    m = _fused(x, x.clone(), W, b_enc, b_dec, None, k, None, **BLOCKS, tokens_per_group=48)
     r = m.pearson()
     live = ~torch.isnan(r)
     assert int(live.sum()) > 20
@@ -198,8 +212,8 @@ def test_determinism_two_launches_bitwise_equal():
     g = torch.Generator().manual_seed(42)
     x_c = case["x_c"] + 0.01 * torch.randn(case["x_c"].shape, generator=g)  # not dyadic: real rounding
     kw = dict(mask=case["mask"], **BLOCKS, tokens_per_group=40)
-    a = encode_moments_triton(case["x_fp"], x_c, case["W_enc"], case["b_enc"], case["b_dec"], **kw)
-    b = encode_moments_triton(case["x_fp"], x_c, case["W_enc"], case["b_enc"], case["b_dec"], **kw)
+    a = _fused(case["x_fp"], x_c, case["W_enc"], case["b_enc"], case["b_dec"], **kw)
+    b = _fused(case["x_fp"], x_c, case["W_enc"], case["b_enc"], case["b_dec"], **kw)
     assert torch.equal(a.pack(), b.pack())
 
 
@@ -217,10 +231,10 @@ def test_topk_bitmask_has_exactly_k_per_token():
 def test_empty_inputs():
     case = _dyadic_case(seed=61, t=40)
     none = torch.zeros(40, dtype=torch.bool)
-    m = encode_moments_triton(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"], case["b_dec"],
+    m = _fused(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"], case["b_dec"],
                               mask=none, **BLOCKS)
     assert float(m.n) == 0 and torch.all(m.max_x == float("-inf")) and torch.all(m.fires_x == 0)
-    e = encode_moments_triton(case["x_fp"][:0], case["x_c"][:0], case["W_enc"], case["b_enc"], case["b_dec"])
+    e = _fused(case["x_fp"][:0], case["x_c"][:0], case["W_enc"], case["b_enc"], case["b_dec"])
     assert float(e.n) == 0 and e.n_features == 80
 
 
@@ -233,7 +247,7 @@ def test_dispatch_uses_reference_on_cpu_and_triton_when_told(monkeypatch):
     ref = encode_moments(*args, mask=case["mask"])
     assert not calls
     monkeypatch.setattr(em, "use_triton", lambda *t: True)
-    fused = encode_moments(*args, mask=case["mask"])
+    fused = encode_moments(*_dev(*args), mask=case["mask"].to(DEVICE)).to("cpu")
     assert calls == [1]
     ok = ~torch.isnan(ref.pearson())
     assert torch.allclose(fused.pearson()[ok], ref.pearson()[ok], rtol=0, atol=1e-6)

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from qdm_engine.kernels import fake_quant as fq
+from qdm_engine.kernels.backend import interpreting
 from qdm_engine.kernels.fake_quant import fake_quant_reference, fake_quant_rtn, fake_quant_triton
 
+# The kernels run on CPU tensors through the interpreter here; on a GPU machine with
+# TRITON_INTERPRET=0 the same tests check the compiled kernels against the CPU reference.
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -32,6 +36,14 @@ def _assert_bitwise(a: torch.Tensor, b: torch.Tensor):
         )
 
 
+def _kernel(w: torch.Tensor, bits: int, **kwargs) -> torch.Tensor:
+    """The Triton launcher on DEVICE into a NaN-poisoned output (an unwritten element fails); result on CPU."""
+    wd = w.to(DEVICE)
+    out = torch.full_like(wd, float("nan"))
+    assert fake_quant_triton(wd, bits, out=out, **kwargs) is out
+    return out.cpu()
+
+
 # (shape, group_size, block_n): one-block rows, rows looped over ragged column blocks, groups
 CASES = [
     ((37, 200), None, None),  # row in one block, ragged rows and columns
@@ -48,9 +60,7 @@ CASES = [
 def test_kernel_bit_exact_against_reference(dtype, symmetric, shape, group_size, block_n):
     w = _weight(shape, dtype, seed=zlib.crc32(repr((shape, group_size, dtype, symmetric)).encode()))
     w[3] = 0.0  # an all-zero row
-    out = torch.full_like(w, float("nan"))  # poison: an unwritten element fails the comparison
-    res = fake_quant_triton(w, 4, group_size=group_size, symmetric=symmetric, out=out, block_n=block_n)
-    assert res is out
+    out = _kernel(w, 4, group_size=group_size, symmetric=symmetric, block_n=block_n)
     _assert_bitwise(out, fake_quant_reference(w, 4, group_size=group_size, symmetric=symmetric))
 
 
@@ -58,8 +68,7 @@ def test_kernel_bit_exact_against_reference(dtype, symmetric, shape, group_size,
 def test_kernel_bit_exact_across_bit_widths(bits):
     w = _weight((21, 96), torch.float32, seed=bits)
     for symmetric in (True, False):
-        out = torch.full_like(w, float("nan"))
-        fake_quant_triton(w, bits, symmetric=symmetric, out=out, block_m=4)
+        out = _kernel(w, bits, symmetric=symmetric, block_m=4)
         _assert_bitwise(out, fake_quant_reference(w, bits, symmetric=symmetric))
 
 
@@ -67,19 +76,18 @@ def test_kernel_bit_exact_across_bit_widths(bits):
 def test_kernel_in_place_and_non_contiguous(dtype):
     w = _weight((24, 80), dtype, seed=5)
     expected = fake_quant_reference(w, 5)
-    inplace = w.clone()
-    fake_quant_triton(inplace, 5, out=inplace)
-    _assert_bitwise(inplace, expected)
+    inplace = w.clone().to(DEVICE)
+    assert fake_quant_triton(inplace, 5, out=inplace) is inplace
+    _assert_bitwise(inplace.cpu(), expected)
     wt = _weight((80, 24), dtype, seed=6).t()  # a transposed view: copied, quantized per row of the view
-    _assert_bitwise(fake_quant_triton(wt, 5), fake_quant_reference(wt, 5))
+    _assert_bitwise(fake_quant_triton(wt.to(DEVICE), 5).cpu(), fake_quant_reference(wt, 5))
 
 
 def test_kernel_rounds_half_to_even_with_torch_signed_zeros():
     # absmax 7 at 4 bits -> scale exactly 1: 0.5, 1.5, 2.5, -0.5, -2.5, 3.5 are exact ties
     row = [7.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -3.5, -0.25, -0.0, 0.0, 6.5]
     w = torch.tensor([row, [0.0] * len(row)], dtype=torch.float32)
-    out = torch.full_like(w, float("nan"))
-    fake_quant_triton(w, 4, out=out)
+    out = _kernel(w, 4)
     assert out[0].tolist() == [7.0, 0.0, 2.0, 2.0, -0.0, -2.0, 4.0, -4.0, -0.0, -0.0, 0.0, 6.0]
     assert torch.signbit(out[0, [4, 8, 9]]).all()  # torch.round keeps the sign of a zero
     assert torch.all(out[1] == 0)
@@ -89,8 +97,7 @@ def test_kernel_rounds_half_to_even_with_torch_signed_zeros():
 def test_kernel_asymmetric_ties_and_zero_point():
     # lo = -3, hi = 12 at 4 bits -> scale = 15 / 15 = 1, zero point 3; 0.5 and 4.5 are ties, 0 stays 0
     w = torch.tensor([[-3.0, 12.0, 0.5, 4.5, 0.0, -1.5, -0.2]])
-    out = torch.full_like(w, float("nan"))
-    fake_quant_triton(w, 4, symmetric=False, out=out)
+    out = _kernel(w, 4, symmetric=False)
     assert out[0].tolist() == [-3.0, 12.0, 0.0, 4.0, 0.0, -2.0, 0.0]
     assert not torch.signbit(out[0, [2, 4, 6]]).any()  # asymmetric zeros are +0.0
     _assert_bitwise(out, fake_quant_reference(w, 4, symmetric=False))
@@ -178,7 +185,7 @@ def test_dispatch_uses_reference_on_cpu_and_triton_when_told(monkeypatch):
     _assert_bitwise(fake_quant_rtn(w, 4), fake_quant_reference(w, 4))
     assert not calls  # CPU tensors: the reference
     monkeypatch.setattr(fq, "use_triton", lambda *t: True)
-    _assert_bitwise(fake_quant_rtn(w, 4, group_size=16, symmetric=False),
+    _assert_bitwise(fake_quant_rtn(w.to(DEVICE), 4, group_size=16, symmetric=False).cpu(),
                     fake_quant_reference(w, 4, group_size=16, symmetric=False))
     assert calls == [1]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qdm_engine.kernels import prune
+from qdm_engine.kernels.backend import interpreting
 from qdm_engine.kernels.prune import (
     apply_mask_reference,
     apply_mask_triton,
@@ -18,6 +19,8 @@ from qdm_engine.kernels.prune import (
     prune_count,
 )
 
+# CPU tensors through the interpreter here; CUDA tensors on a GPU machine with TRITON_INTERPRET=0.
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -40,8 +43,9 @@ def _assert_bitwise(a, b):
 def test_exactly_floor_s_numel_zeros_with_ties(dtype, sparsity):
     w = _tied_weight((29, 53), dtype, seed=int(sparsity * 1000))
     k = math.floor(sparsity * w.numel())
-    out = torch.full_like(w, float("nan"))
-    magnitude_prune_triton(w, sparsity, out=out)
+    out = torch.full_like(w, float("nan"), device=DEVICE)  # poisoned: an unwritten element fails
+    magnitude_prune_triton(w.to(DEVICE), sparsity, out=out)
+    out = out.cpu()
     assert int((out == 0).sum()) == k
     kept, dropped = w[out != 0].float().abs(), w[out == 0].float().abs()
     if k:
@@ -57,9 +61,9 @@ def test_ties_broken_by_flat_index():
     expected = torch.ones(20, dtype=torch.bool)
     expected[1:11] = False
     assert torch.equal(mask.flatten(), expected)
-    out = torch.full_like(w, float("nan"))
-    magnitude_prune_triton(w, 0.5, out=out)
-    assert torch.equal(out != 0, expected.view(4, 5))
+    out = torch.full_like(w, float("nan"), device=DEVICE)
+    magnitude_prune_triton(w.to(DEVICE), 0.5, out=out)
+    assert torch.equal(out.cpu() != 0, expected.view(4, 5))
 
 
 def test_selection_matches_numpy_stable_argsort():
@@ -79,8 +83,9 @@ def test_apply_mask_kernel_bit_exact_ragged(dtype, block):
     w[0, :4] = -0.0  # a kept -0.0 must stay -0.0
     keep = torch.rand(23, 37, generator=g) < 0.6
     keep[0, :4] = True
-    out = torch.full_like(w, float("nan"))
-    apply_mask_triton(w, keep, out=out, block=block)
+    out = torch.full_like(w, float("nan"), device=DEVICE)
+    apply_mask_triton(w.to(DEVICE), keep.to(DEVICE), out=out, block=block)
+    out = out.cpu()
     _assert_bitwise(out, apply_mask_reference(w, keep))
     assert torch.signbit(out[0, :4]).all()
 
@@ -89,12 +94,12 @@ def test_apply_mask_kernel_bit_exact_ragged(dtype, block):
 def test_in_place_and_non_contiguous(dtype):
     w = _tied_weight((31, 17), dtype, seed=8)
     expected = magnitude_prune_reference(w, 0.4)
-    inplace = w.clone()
+    inplace = w.clone().to(DEVICE)
     res = magnitude_prune_triton(inplace, 0.4, out=inplace)
     assert res is inplace
-    _assert_bitwise(inplace, expected)
+    _assert_bitwise(inplace.cpu(), expected)
     wt = _tied_weight((17, 31), dtype, seed=9).t()
-    _assert_bitwise(magnitude_prune_triton(wt, 0.4), magnitude_prune_reference(wt, 0.4))
+    _assert_bitwise(magnitude_prune_triton(wt.to(DEVICE), 0.4).cpu(), magnitude_prune_reference(wt, 0.4))
     ref_inplace = w.clone()
     magnitude_prune_reference(ref_inplace, 0.4, out=ref_inplace)
     _assert_bitwise(ref_inplace, expected)
@@ -108,7 +113,7 @@ def test_dispatch_uses_reference_on_cpu_and_triton_when_told(monkeypatch):
     _assert_bitwise(magnitude_prune(w, 0.3), magnitude_prune_reference(w, 0.3))
     assert not calls
     monkeypatch.setattr(prune, "use_triton", lambda *t: True)
-    _assert_bitwise(magnitude_prune(w, 0.3), magnitude_prune_reference(w, 0.3))
+    _assert_bitwise(magnitude_prune(w.to(DEVICE), 0.3).cpu(), magnitude_prune_reference(w, 0.3))
     assert calls == [1]
 
 
