@@ -32,7 +32,7 @@ from qdm_engine.errors import QdmError
 from qdm_engine.kernels.moments import FeatureMoments
 
 SUMMARY_COLUMNS = [
-    "condition", "method", "bits", "sparsity", "ppl", "dppl_pct", "mean_r", "median_r",
+    "sae", "condition", "method", "bits", "sparsity", "ppl", "dppl_pct", "mean_r", "median_r",
     "survived_pct", "degraded_pct", "damaged_pct", "n_active", "undefined_n", "n_tokens", "seconds",
 ]
 
@@ -75,13 +75,15 @@ def _versions() -> dict:
     return out
 
 
-def _conditions(bits, prune, null: bool) -> list:
+def _conditions(bits, prune, null: bool, prune_matched: str | None = None) -> list:
     conds: list = [RTN(b) for b in (parse_bits(bits) if isinstance(bits, str) else list(bits or []))]
     conds += [MagnitudePrune(float(s)) for s in (prune or [])]
     if null:
         conds.insert(0, FP())
-    if not conds:
-        raise QdmError("nothing to audit: give --bits and/or --prune")
+    if prune_matched:
+        _bits_of(prune_matched)
+    if not conds and not prune_matched:
+        raise QdmError("nothing to audit: give --bits, --prune or --prune-matched")
     names = [c.name for c in conds]
     if len(set(names)) != len(names):
         raise QdmError(f"a condition is listed twice: {', '.join(names)}")
@@ -96,19 +98,35 @@ def _default_components():
     return default
 
 
+def _tag(sae_w, taken: set[str]) -> str:
+    """A short unique name for an SAE: its folder name or sae_id, made safe for a path."""
+    ident = sae_w.identity
+    base = str(ident.get("sae_id") or Path(str(ident.get("source", "sae"))).name)
+    base = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip("-.") or "sae"
+    tag, i = base, 2
+    while tag in taken:
+        tag, i = f"{base}-{i}", i + 1
+    taken.add(tag)
+    return tag
+
+
 def sweep(
     model: str | None = None,
-    sae: str | None = None,
+    sae: str | list[str] | None = None,
     bits="8..4",
     prune=(),
     *,
+    prune_matched: str | None = None,
     gguf_file: str | None = None,
     hook: str | None = None,
     text: str | None = None,
+    calib_text: str | None = None,
+    calib_tokens: int = 4096,
     tokens: int | None = 16384,
     block_len: int = 128,
     batch_size: int = 8,
     bos: bool = True,
+    ppl: bool = True,
     device: str | None = None,
     dtype: str | None = None,
     thresholds: Thresholds = Thresholds(),
@@ -118,53 +136,79 @@ def sweep(
     trust_remote_code: bool = False,
     log=print,
 ) -> SweepResult:
-    """Audit FP vs each condition (RTN `bits`, pruning `prune`) on identical tokens through one SAE.
+    """Audit FP vs each condition (RTN `bits`, pruning `prune`) on identical tokens through frozen SAEs.
 
-    Returns the summary and per-feature tables; with `out`, also writes the run folder there.
+    `sae` may be a list: every SAE is read at its own site from the same forward passes, and its
+    conditions are named `<sae-tag>/<condition>`. `prune_matched='int6'` adds magnitude pruning at the
+    sparsity whose held-out perplexity matches RTN INT6 (bisection, METHOD.md section 3). `ppl=False`
+    stops each forward at the deepest read-out (features only). Under torchrun the blocks are sharded
+    over ranks. Returns the summary and per-feature tables; with `out`, rank 0 also writes the run folder.
     """
+    from qdm_engine.engine.distributed import init_from_env
+    from qdm_engine.engine.matched import match_pruning
+
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
-    conditions = _conditions(bits, prune, null)
+    conditions = _conditions(bits, prune, null, prune_matched)
     if batch_size < 1:
         raise QdmError(f"--batch-size must be at least 1, got {batch_size}")
-    if out is not None:
+    if prune_matched and not ppl:
+        raise QdmError("--prune-matched needs perplexities: drop --no-ppl")
+    shard, device = init_from_env(device)
+    if out is not None and shard.is_main:
         out = check_out_dir(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QdmError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
     torch_dtype = parse_dtype(dtype, device)
+    sae_specs = [sae] if isinstance(sae, (str, Path)) else list(sae or [])
+    if hook is not None and len(sae_specs) > 1:
+        raise QdmError("--hook applies to a single SAE; with several --sae each is read at its own hook_name")
+    log = log if shard.is_main else (lambda _m: None)
+    progress = progress and shard.is_main
 
-    uses_default = (model is None and gguf_file is None) or sae is None or text is None
+    uses_default = (model is None and gguf_file is None) or not sae_specs or text is None
     default = _default_components() if uses_default else None
     if text is None:
         text = str(default.DEFAULT_TEXT)
     text_str = read_text(text)  # fail fast on a bad text, before any model loads
+    calib_str = read_text(calib_text) if calib_text is not None else None
 
     if model is None and gguf_file is None:
         lm, tok, model_id = default.load_default_model(dtype=torch_dtype, progress=progress)
         lm = lm.to(device)
     else:
         lm, tok, model_id = load_model(model, gguf_file, torch_dtype, device, trust_remote_code, progress)
-    sae_w = load_sae(sae if sae is not None else default.DEFAULT_SAE_DIR, device=device)
-
-    hook = hook or sae_w.hook_name
+    saes = [load_sae(s, device=device) for s in (sae_specs or [default.DEFAULT_SAE_DIR])]
+    hooks = [hook or s.hook_name for s in saes]
     n_layers = len(decoder_layers(lm))
-    parse_hook(hook, n_layers)
-    if sae_w.d_in != model_id["d_model"]:
-        raise QdmError(
-            f"SAE d_in {sae_w.d_in} does not match the model's d_model {model_id['d_model']}; "
-            "pass an SAE trained on this model"
-        )
-    family_of(lm)  # compression needs a known family: fail before any forward pass
+    for s, h in zip(saes, hooks):
+        parse_hook(h, n_layers)
+        if s.d_in != model_id["d_model"]:
+            raise QdmError(
+                f"SAE d_in {s.d_in} does not match the model's d_model {model_id['d_model']}; "
+                "pass an SAE trained on this model"
+            )
+    if any(not isinstance(c, FP) for c in conditions) or prune_matched:
+        family_of(lm)  # compression needs a known family: fail before any forward pass
     blocks = make_blocks(tok, text_str, block_len, tokens, bos)
-    log(
-        f"auditing {model_id['source']} at {hook} with SAE {sae_w.identity.get('source')} "
-        f"({sae_w.architecture}, {sae_w.d_sae} features) on {blocks.n_blocks * blocks.block_len} tokens "
-        f"({blocks.scored_positions} scored), {len(conditions)} conditions, device {device}, {model_id['dtype']}"
-    )
+    taken: set[str] = set()
+    tags = [_tag(s, taken) for s in saes]
+    for s, h, t in zip(saes, hooks, tags):
+        log(f"auditing {model_id['source']} at {h} with SAE {t} ({s.architecture}, {s.d_sae} features)")
+    log(f"{blocks.n_blocks * blocks.block_len} tokens ({blocks.scored_positions} scored) in {blocks.n_blocks} "
+        f"blocks of {blocks.block_len}, {len(conditions) + bool(prune_matched)} conditions, device {device}, "
+        f"{model_id['dtype']}" + (f", {shard.world} processes" if shard.world > 1 else ""))
 
-    runs = run_conditions(lm, sae_w, blocks, conditions, hook, batch_size, device, progress)
-    summary, features = _tables(runs, thresholds, blocks.scored_positions)
+    calib = None
+    if prune_matched:
+        calib_budget = max(block_len, calib_tokens)
+        calib = (make_blocks(tok, calib_str, block_len, calib_budget, bos) if calib_str is not None
+                 else _held_out_blocks(tok, text_str, block_len, calib_budget, bos, blocks.n_blocks))
+        conditions.append(match_pruning(lm, RTN(_bits_of(prune_matched)), calib, batch_size, device, log=log))
+
+    runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard)
+    summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
     config = {
         "qdm_engine_version": __version__,
         "started": started,
@@ -172,8 +216,9 @@ def sweep(
         "command": sys.argv,
         "versions": _versions(),
         "model": model_id,
-        "sae": sae_w.identity,
-        "hook": hook,
+        "sae": saes[0].identity,
+        "hook": hooks[0],
+        "saes": [{"tag": t, "hook": h, **s.identity} for s, h, t in zip(saes, hooks, tags)],
         "tokens": {
             "text": str(text),
             "text_sha256": hashlib.sha256(text_str.encode()).hexdigest(),
@@ -185,34 +230,58 @@ def sweep(
             "scored_positions": blocks.scored_positions,
             "bos": bos,
             "bos_token_id": blocks.bos_id,
-            "ppl_targets": blocks.ppl_targets,
+            "ppl_targets": blocks.ppl_targets if ppl else 0,
+            "calibration": None if calib is None else {
+                "text": str(calib_text or text), "blocks": calib.n_blocks,
+                "disjoint": "separate text" if calib_text else f"the {calib.n_blocks} blocks after the audit blocks"},
         },
         "conditions": [dict(name=c.name, **c.describe()) for c in conditions],
         "thresholds": thresholds.to_dict(),
+        "perplexity": ppl,
         "batch_size": batch_size,
         "device": device,
+        "processes": shard.world,
         "dtype": model_id["dtype"],
     }
-    written = write_run(out, config, summary, features) if out is not None else None
+    written = write_run(out, config, summary, features) if out is not None and shard.is_main else None
     return SweepResult(summary, features, config, written)
 
 
-def _tables(runs: list[ConditionRun], th: Thresholds, scored: int) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+def _bits_of(name: str) -> int:
+    if not str(name).startswith("int") or not str(name)[3:].isdigit():
+        raise QdmError(f"--prune-matched takes an RTN condition like int6, got '{name}'")
+    return int(str(name)[3:])
+
+
+def _held_out_blocks(tok, text_str, block_len, budget, bos, audit_blocks):
+    try:
+        return make_blocks(tok, text_str, block_len, budget, bos, skip_blocks=audit_blocks)
+    except QdmError as exc:
+        raise QdmError(f"no held-out text left after the audit tokens for --prune-matched ({exc}); "
+                       "pass --calib-text FILE or lower --tokens") from exc
+
+
+def _tables(runs: list[ConditionRun], tags: list[str], th: Thresholds, scored: int,
+            ppl: bool = True) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     fp_run, cond_runs = runs[0], runs[1:]
-    fp_ppl = perplexity(fp_run.nll, fp_run.n_targets)
-    features = {r.name: feature_table(r.moments, th) for r in cond_runs}
-    rows = []
-    fp_active = int(next(iter(features.values()))["active"].sum())  # FP statistics are the same in every table
-    rows.append({"condition": "fp", "method": "fp", "ppl": fp_ppl, "dppl_pct": 0.0, "n_active": fp_active,
-                 "n_tokens": scored, "seconds": fp_run.seconds})
-    for r in cond_runs:
-        ppl = perplexity(r.nll, r.n_targets)
-        desc = r.condition.describe()
-        rows.append({
-            "condition": r.name, "method": desc["method"], "bits": desc.get("bits"),
-            "sparsity": desc.get("sparsity"), "ppl": ppl, "dppl_pct": 100.0 * (ppl / fp_ppl - 1.0),
-            **summarize(features[r.name]), "n_tokens": int(r.moments.n), "seconds": r.seconds,
-        })
+    fp_ppl = perplexity(fp_run.nll, fp_run.n_targets) if ppl else float("nan")
+    multi = len(tags) > 1
+    rows, features = [], {}
+    for i, tag in enumerate(tags):
+        key = (lambda name: f"{tag}/{name}") if multi else (lambda name: name)
+        tables = {r.name: feature_table(r.moments[i], th) for r in cond_runs}
+        features.update({key(name): df for name, df in tables.items()})
+        fp_active = int(next(iter(tables.values()))["active"].sum())  # FP statistics are the same in every table
+        rows.append({"sae": tag, "condition": key("fp"), "method": "fp", "ppl": fp_ppl, "dppl_pct": 0.0 if ppl else None,
+                     "n_active": fp_active, "n_tokens": scored, "seconds": fp_run.seconds})
+        for r in cond_runs:
+            c_ppl = perplexity(r.nll, r.n_targets) if ppl else float("nan")
+            desc = r.condition.describe()
+            rows.append({
+                "sae": tag, "condition": key(r.name), "method": desc["method"], "bits": desc.get("bits"),
+                "sparsity": desc.get("sparsity"), "ppl": c_ppl, "dppl_pct": 100.0 * (c_ppl / fp_ppl - 1.0),
+                **summarize(tables[r.name]), "n_tokens": int(r.moments[i].n), "seconds": r.seconds,
+            })
     summary = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
     summary["bits"] = summary["bits"].astype("Int64")
     return summary, features
@@ -220,7 +289,8 @@ def _tables(runs: list[ConditionRun], th: Thresholds, scored: int) -> tuple[pd.D
 
 def format_summary(summary: pd.DataFrame) -> str:
     """The printed table: Table 1's columns, one line per condition."""
-    head = f"{'condition':<14}{'bits':>5}{'PPL':>10}{'dPPL %':>9}{'mean r':>8}{'med r':>8}" \
+    w = max(14, 2 + int(summary["condition"].str.len().max()))
+    head = f"{'condition':<{w}}{'bits':>5}{'PPL':>10}{'dPPL %':>9}{'mean r':>8}{'med r':>8}" \
            f"{'surv %':>8}{'degr %':>8}{'dam %':>8}{'active':>8}{'undef':>6}{'tokens':>9}"
     lines = [head, "-" * len(head)]
 
@@ -231,7 +301,7 @@ def format_summary(summary: pd.DataFrame) -> str:
 
     for row in summary.to_dict(orient="records"):
         lines.append(
-            f"{row['condition']:<14}{f(row['bits'], 'd'):>5}{f(row['ppl'], '.3f'):>10}{f(row['dppl_pct'], '+.2f'):>9}"
+            f"{row['condition']:<{w}}{f(row['bits'], 'd'):>5}{f(row['ppl'], '.3f'):>10}{f(row['dppl_pct'], '+.2f'):>9}"
             f"{f(row['mean_r'], '.3f'):>8}{f(row['median_r'], '.3f'):>8}{f(row['survived_pct'], '.2f'):>8}"
             f"{f(row['degraded_pct'], '.2f'):>8}{f(row['damaged_pct'], '.2f'):>8}{f(row['n_active'], 'd'):>8}"
             f"{f(row['undefined_n'], 'd'):>6}{f(row['n_tokens'], 'd'):>9}"

@@ -58,11 +58,18 @@ def _add_sweep(sub) -> None:
     g.add_argument("--bits", default="8..4", help="RTN bit widths: a range like 8..4 or a list like 8,6,4 (each 2..16)")
     g.add_argument("--prune", type=float, action="append", default=[], metavar="S",
                    help="also audit per-tensor magnitude pruning at sparsity S (repeatable)")
+    g.add_argument("--prune-matched", metavar="intB",
+                   help="also audit magnitude pruning at the sparsity whose held-out perplexity matches RTN "
+                        "intB (6-step bisection over 0..0.8 on blocks disjoint from the audit's)")
+    g.add_argument("--calib-text", help="held-out text for --prune-matched (default: the text after the audit blocks)")
+    g.add_argument("--calib-tokens", type=_positive_int, default=4096, help="held-out token budget for --prune-matched")
     g.add_argument("--null", action="store_true", help="add the FP-vs-FP null condition (reruns the FP model)")
     g = p.add_argument_group("model and SAE")
     g.add_argument("--model", help="transformers causal LM: hub id or local folder (default: the embedded model)")
     g.add_argument("--gguf-file", help="a GGUF checkpoint (path, or a file name inside --model's hub repo)")
-    g.add_argument("--sae", help="SAELens SAE: release:sae_id or a folder with cfg.json + sae_weights.safetensors")
+    g.add_argument("--sae", action="append",
+                   help="SAELens SAE: release:sae_id or a folder with cfg.json + sae_weights.safetensors; repeat "
+                        "it to audit several SAEs (at their own sites) from the same forward passes")
     g.add_argument("--hook", help="read-out site, e.g. blocks.6.hook_resid_post (default: the SAE's hook_name)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code from its repo")
     g = p.add_argument_group("tokens")
@@ -79,6 +86,8 @@ def _add_sweep(sub) -> None:
     g.add_argument("--damaged", type=float, default=0.5, help="r below this: damaged")
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="blocks per forward pass")
+    g.add_argument("--no-ppl", dest="ppl", action="store_false",
+                   help="features only: stop each forward at the deepest read-out layer (no perplexity)")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
@@ -94,12 +103,15 @@ def _run_sweep(args) -> int:
     out = args.out or os.path.join("qdm-runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     result = sweep(
-        model=args.model, sae=args.sae, bits=args.bits, prune=args.prune, gguf_file=args.gguf_file,
-        hook=args.hook, text=args.text, tokens=args.tokens, block_len=args.block_len,
+        model=args.model, sae=args.sae, bits=args.bits, prune=args.prune, prune_matched=args.prune_matched,
+        gguf_file=args.gguf_file, hook=args.hook, text=args.text, calib_text=args.calib_text,
+        calib_tokens=args.calib_tokens, tokens=args.tokens, block_len=args.block_len, ppl=args.ppl,
         batch_size=args.batch_size, bos=args.bos, device=args.device, dtype=args.dtype,
         thresholds=Thresholds(active=args.active_rate, survived=args.survived, damaged=args.damaged),
         null=args.null, out=out, progress=not args.quiet, trust_remote_code=args.trust_remote_code, log=log,
     )
+    if result.out is None:  # a non-zero rank under torchrun: rank 0 prints and writes
+        return 0
     print(format_summary(result.summary))
     print(f"\nresults: {result.out}  ({result.config['wall_seconds']:.1f} s)")
     return 0

@@ -154,3 +154,27 @@ def test_analysis_commands_read_the_run(run, capsys):
     assert len(lines) == 1 + 4 * 5  # header + survival 0.80..0.95 x damage 0.3..0.7
     assert main(["overlap", str(out), "--a", "int4", "--b", "int9"]) == 2
     assert "condition 'int9' is not in run" in capsys.readouterr().err
+
+
+def test_several_saes_share_one_sweep_and_match_single_runs(tiny_llama, tiny_sae, text_file, tmp_path):
+    from qdm_engine.audit import sweep
+
+    other = build_sae(tmp_path / "pre0", d_sae=48, hook="blocks.0.hook_resid_pre", seed=7)
+    kw = dict(model=str(tiny_llama), text=str(text_file), bits="8,4", tokens=384, block_len=32, progress=False, log=lambda m: None)
+    both = sweep(sae=[str(tiny_sae), str(other)], out=tmp_path / "both", **kw)
+    assert list_conditions(tmp_path / "both") == ["pre0/int4", "pre0/int8", "sae/int4", "sae/int8"]
+    assert both.summary["sae"].tolist() == ["sae"] * 3 + ["pre0"] * 3
+    single = sweep(sae=str(other), **kw)
+    pd.testing.assert_frame_equal(both.features["pre0/int4"], single.features["int4"])
+    np.testing.assert_allclose(both.summary["ppl"].iloc[3:], single.summary["ppl"], rtol=1e-12)
+
+
+def test_features_only_mode_gives_the_same_features(tiny_llama, tiny_sae, text_file, capsys):
+    from qdm_engine.audit import sweep
+
+    kw = dict(model=str(tiny_llama), sae=str(tiny_sae), text=str(text_file), bits="4", tokens=384, block_len=32,
+              progress=False, log=lambda m: None)
+    full, fast = sweep(**kw), sweep(ppl=False, **kw)
+    pd.testing.assert_frame_equal(full.features["int4"], fast.features["int4"])
+    assert fast.summary["ppl"].isna().all() and full.summary["ppl"].notna().all()
+    assert fast.config["tokens"]["ppl_targets"] == 0

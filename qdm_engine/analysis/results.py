@@ -55,8 +55,10 @@ def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: di
         records = _json_safe(summary.astype(object).where(summary.notna(), None).to_dict(orient="records"))
         (tmp / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
         (tmp / "features").mkdir()
-        for name, df in features.items():
-            df.to_parquet(tmp / "features" / f"{name}.parquet", index=False)
+        for name, df in features.items():  # 'tag/int6' (several SAEs) lands in features/tag/int6.parquet
+            path = tmp / "features" / f"{name}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            df.to_parquet(path, index=False)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -82,7 +84,9 @@ def load_summary(run_dir: str | Path) -> pd.DataFrame:
 
 
 def list_conditions(run_dir: str | Path) -> list[str]:
-    return sorted(p.stem for p in (_run_dir(run_dir) / "features").glob("*.parquet"))
+    """Condition names of a run; with several SAEs they read '<sae-tag>/<condition>'."""
+    root = _run_dir(run_dir) / "features"
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.parquet"))
 
 
 def load_features(run_dir: str | Path, condition: str) -> pd.DataFrame:

@@ -120,6 +120,32 @@ def read_out(model: torch.nn.Module, hook: str):
         handle.remove()
 
 
+class StopForward(Exception):
+    """Raised by `stop_after` to end a forward pass once the last read-out site has been reached."""
+
+
+@contextmanager
+def stop_after(model: torch.nn.Module, hooks: list[str]):
+    """Context manager ending every forward right after the deepest of `hooks` (features-only mode).
+
+    Enter it after the `read_out` contexts so their hooks on the same layer run first.
+    """
+    layers = decoder_layers(model)
+    layer, side = max((parse_hook(h, len(layers)) for h in hooks), key=lambda ls: (ls[0], ls[1] == "post"))
+
+    def stop(*_args, **_kwargs):
+        raise StopForward
+
+    if side == "post":
+        handle = layers[layer].register_forward_hook(stop)
+    else:
+        handle = layers[layer].register_forward_pre_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 

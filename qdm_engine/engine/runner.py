@@ -1,22 +1,26 @@
 """The sweep's model loop: one FP pass, then one pass per compression condition.
 
-The FP pass reads the residual stream at the SAE's site and the logits for perplexity from the same
-forward, and caches the FP read-out of the scored positions (BOS dropped), so no condition reruns the
+The FP pass reads the residual stream at every SAE's site and the logits for perplexity from the same
+forward, and caches the FP read-outs of the scored positions (BOS dropped), so no condition reruns the
 FP model. Each condition then compresses the targeted weights in place, runs the same token batches,
 and streams (FP, compressed) read-out pairs through the fused encode + moments op; the FP weights are
-restored afterwards. Nothing of size tokens x features is ever held beyond one batch.
+restored afterwards. Nothing of size tokens x features is ever held beyond one batch. Several SAEs
+(at one or several sites) share the same forward passes. Under torch.distributed each rank runs every
+N-th block and the moments are merged across ranks at the end of each condition.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from qdm_engine.engine.compression import FP, FPWeights
-from qdm_engine.engine.models import read_out
+from qdm_engine.engine.distributed import Shard
+from qdm_engine.engine.models import StopForward, read_out, stop_after
 from qdm_engine.engine.perplexity import nll_sum
 from qdm_engine.engine.sae import SAEWeights
 from qdm_engine.engine.tokens import TokenBlocks
@@ -28,68 +32,86 @@ from qdm_engine.kernels.moments import FeatureMoments
 class ConditionRun:
     name: str
     condition: object
-    nll: float
+    nll: float  # summed over targets; 0 in features-only mode
     n_targets: int
     seconds: float
-    moments: FeatureMoments | None = None  # None for the FP reference itself
+    moments: list[FeatureMoments] = field(default_factory=list)  # one per SAE; empty for the FP reference
 
 
-def _batches(blocks: TokenBlocks, batch_size: int):
-    for lo in range(0, blocks.n_blocks, batch_size):
-        yield blocks.ids[lo:lo + batch_size], blocks.score_mask[lo:lo + batch_size]
-
-
-def _forward(model, ids: torch.Tensor, ro) -> tuple[torch.Tensor, float, int]:
-    logits = model(input_ids=ids, use_cache=False).logits
-    nll, n = nll_sum(logits, ids)
-    return ro.value, nll, n
+def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard):
+    ids, mask = blocks.ids[shard.rank::shard.world], blocks.score_mask[shard.rank::shard.world]
+    for lo in range(0, ids.shape[0], batch_size):
+        yield ids[lo:lo + batch_size], mask[lo:lo + batch_size]
 
 
 def run_conditions(
     model: torch.nn.Module,
-    sae: SAEWeights,
+    saes: list[SAEWeights],
+    hooks: list[str],
     blocks: TokenBlocks,
     conditions: list,
-    hook: str,
     batch_size: int = 8,
     device: str = "cpu",
     progress: bool = True,
+    ppl: bool = True,
+    shard: Shard = Shard(),
 ) -> list[ConditionRun]:
-    """Run FP then every condition over the same blocks; returns one ConditionRun per row, FP first.
+    """Run FP then every condition over the same blocks; one ConditionRun per row, FP first.
 
-    An `FP()` among `conditions` is the FP-vs-FP null: the FP model is run again like any condition.
+    `saes[i]` is read at `hooks[i]`. An `FP()` among `conditions` is the FP-vs-FP null: the FP model is
+    run again like any condition. With `ppl=False` each forward stops after the deepest read-out layer.
     """
-    n_batches = -(-blocks.n_blocks // batch_size)
-    bar = tqdm(total=n_batches * (1 + len(conditions)), unit="batch", disable=not progress, dynamic_ncols=True)
-    enc = (sae.W_enc, sae.b_enc, sae.b_dec, sae.threshold, sae.k)
-    prep = (lambda x: x) if sae.normalize == "none" else sae.normalise_input
+    sites = sorted(set(hooks))
+    n_batches = -(-len(range(shard.rank, blocks.n_blocks, shard.world)) // batch_size)
+    bar = tqdm(total=n_batches * (1 + len(conditions)), unit="batch", dynamic_ncols=True,
+               disable=not (progress and shard.is_main))
+
+    def forward(ids, mask):
+        """Read-outs of the scored positions at each site, and the batch's NLL sum and target count."""
+        try:
+            logits = model(input_ids=ids.to(device), use_cache=False).logits
+        except StopForward:
+            logits = None
+        keep = mask.flatten().to(device)
+        xs = {h: ro[h].value.reshape(-1, ro[h].value.shape[-1])[keep] for h in sites}
+        return xs, *(nll_sum(logits, ids) if logits is not None else (0.0, 0))
+
     runs: list[ConditionRun] = []
-    cache: list[torch.Tensor] = []
-    with torch.inference_mode(), read_out(model, hook) as ro:
+    cache: list[dict[str, torch.Tensor]] = []
+    with torch.inference_mode(), ExitStack() as stack:
+        ro = {h: stack.enter_context(read_out(model, h)) for h in sites}
+        if not ppl:
+            stack.enter_context(stop_after(model, sites))
         bar.set_description("fp")
         t0, nll, n = time.perf_counter(), 0.0, 0
-        for ids, mask in _batches(blocks, batch_size):
-            x, b_nll, b_n = _forward(model, ids.to(device), ro)
-            cache.append(x.reshape(-1, x.shape[-1])[mask.flatten().to(device)])
+        for ids, mask in _batches(blocks, batch_size, shard):
+            xs, b_nll, b_n = forward(ids, mask)
+            cache.append(xs)
             nll, n = nll + b_nll, n + b_n
             bar.update()
-        runs.append(ConditionRun("fp", FP(), nll, n, time.perf_counter() - t0))
+        nll, n = shard.sum(nll, n)
+        runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0))
 
-        saved = FPWeights(model)
+        saved = FPWeights(model) if any(not isinstance(c, FP) for c in conditions) else None
         for cond in conditions:
             bar.set_description(cond.name)
             t0, nll, n = time.perf_counter(), 0.0, 0
-            acc = FeatureMoments.zeros(sae.d_sae, device=device)
+            accs = [FeatureMoments.zeros(s.d_sae, device=device) for s in saes]
             cond.apply(model)
             try:
-                for (ids, mask), x_fp in zip(_batches(blocks, batch_size), cache):
-                    x, b_nll, b_n = _forward(model, ids.to(device), ro)
-                    x_c = x.reshape(-1, x.shape[-1])[mask.flatten().to(device)]
-                    acc = acc.merge(encode_moments(prep(x_fp), prep(x_c), *enc))
+                for (ids, mask), fp_xs in zip(_batches(blocks, batch_size, shard), cache):
+                    xs, b_nll, b_n = forward(ids, mask)
+                    for i, (sae, hook) in enumerate(zip(saes, hooks)):
+                        prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
+                        accs[i] = accs[i].merge(encode_moments(
+                            prep(fp_xs[hook]), prep(xs[hook]), sae.W_enc, sae.b_enc, sae.b_dec, sae.threshold, sae.k))
                     nll, n = nll + b_nll, n + b_n
                     bar.update()
             finally:
-                saved.restore()
-            runs.append(ConditionRun(cond.name, cond, nll, n, time.perf_counter() - t0, acc))
+                if saved is not None:
+                    saved.restore()
+            nll, n = shard.sum(nll, n)
+            runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0,
+                                     [shard.merge(a) for a in accs]))
     bar.close()
     return runs

@@ -73,10 +73,12 @@ def _dataset_lines(name: str) -> list[str]:
     return list(ds[column])
 
 
-def make_blocks(tokenizer, text: str, block_len: int, tokens: int | None, bos: bool = True) -> TokenBlocks:
+def make_blocks(tokenizer, text: str, block_len: int, tokens: int | None, bos: bool = True,
+                skip_blocks: int = 0) -> TokenBlocks:
     """Cut the tokenized text into blocks of `block_len` positions, at most `tokens` positions in all.
 
     With BOS each block is BOS + (block_len - 1) text tokens; the budget counts positions (BOS included).
+    `skip_blocks` starts after that many blocks' worth of text: held-out blocks disjoint from an audit's.
     """
     if block_len < 2:
         raise QdmError(f"--block-len must be at least 2, got {block_len}")
@@ -85,16 +87,19 @@ def make_blocks(tokenizer, text: str, block_len: int, tokens: int | None, bos: b
     bos_id = tokenizer.bos_token_id if bos else None
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     body = block_len - (1 if bos_id is not None else 0)
+    n_text = ids.numel()
+    ids = ids[skip_blocks * body:]
     n_blocks = ids.numel() // body
     if tokens is not None:
         n_blocks = min(n_blocks, tokens // block_len)
     if n_blocks == 0:
         raise QdmError(
-            f"the text gives {ids.numel()} tokens, less than one block of {block_len}; use a longer --text or a smaller --block-len"
+            f"the text gives {ids.numel()} tokens{' after the audit blocks' if skip_blocks else ''}, less than one "
+            f"block of {block_len}; use a longer text or a smaller --block-len"
         )
     blocks = ids[: n_blocks * body].view(n_blocks, body)
     mask = torch.ones(n_blocks, block_len, dtype=torch.bool)
     if bos_id is not None:
         blocks = torch.cat([torch.full((n_blocks, 1), bos_id, dtype=torch.long), blocks], dim=1)
         mask[:, 0] = False
-    return TokenBlocks(blocks, mask, bos_id, int(ids.numel()))
+    return TokenBlocks(blocks, mask, bos_id, int(n_text))
