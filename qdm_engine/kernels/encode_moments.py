@@ -392,10 +392,12 @@ def encode_moments_partials_triton(
     n_groups = triton.cdiv(n_tok, int(tokens_per_group))
     part = torch.full((n_groups, _N_STATS, n_feat), float("nan"), dtype=torch.float64, device=device)
 
+    # The kernel indexes the vectors with unit stride; 2-D operands go with their strides.
+    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
     args = (
         x_fp, x_c, W_enc, b_enc, b_dec,
-        threshold if threshold is not None else b_enc, sel_f, sel_c,
-        mask.view(torch.uint8) if mask is not None else x_fp,
+        threshold.contiguous() if threshold is not None else b_enc, sel_f, sel_c,
+        mask.contiguous().view(torch.uint8) if mask is not None else x_fp,
         part,
         n_tok, d, n_feat, int(tokens_per_group), n_groups,
         x_fp.stride(0), x_fp.stride(1), x_c.stride(0), x_c.stride(1), W_enc.stride(0), W_enc.stride(1),

@@ -300,3 +300,16 @@ def test_launcher_rejects_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         encode_moments_triton(**_bad())
+
+
+def test_strided_inputs():
+    """Non-contiguous read-outs (a column slice), a transposed W_enc and strided vectors and mask."""
+    case = _dyadic_case(seed=91, t=70)
+    wide = torch.cat([case["x_fp"], case["x_c"]], dim=1)  # [T, 2d]: each half is a strided view
+    d = case["x_fp"].shape[1]
+    W_t = case["W_enc"].t().contiguous().t()  # same values, column-major
+    b_enc2 = torch.stack([case["b_enc"], case["b_enc"]], dim=1)[:, 0]  # stride 2
+    mask2 = torch.stack([case["mask"], case["mask"]], dim=1)[:, 1]
+    thr2 = torch.stack([case["threshold"], case["threshold"]], dim=1)[:, 0]
+    m = _fused(wide[:, :d], wide[:, d:], W_t, b_enc2, case["b_dec"], thr2, None, mask2, **BLOCKS)
+    _assert_moments(m, _expected(case, case["threshold"], None, case["mask"]))
