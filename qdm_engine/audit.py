@@ -23,7 +23,7 @@ from qdm_engine import __version__
 from qdm_engine.analysis.results import check_out_dir, write_run
 from qdm_engine.analysis.taxonomy import Thresholds, classify, summarize
 from qdm_engine.engine.compression import FP, RTN, MagnitudePrune, family_of, parse_bits
-from qdm_engine.engine.models import decoder_layers, load_model, parse_dtype, parse_hook
+from qdm_engine.engine.models import decoder_layers, load_model, model_identity, parse_dtype, parse_hook
 from qdm_engine.engine.perplexity import perplexity
 from qdm_engine.engine.runner import ConditionRun, run_conditions
 from qdm_engine.engine.sae import load_sae
@@ -96,6 +96,22 @@ def _default_components():
     except ImportError as exc:
         raise QdmError("the embedded default model is not available in this install; pass --model and --sae") from exc
     return default
+
+
+def load_lm(model, gguf_file, dtype, device, trust_remote_code=False, progress=True):
+    """(model, tokenizer, identity): the embedded default when neither `model` nor `gguf_file` is given.
+
+    The identity carries `load`, the arguments that load the same model again (used by `qdm-engine ppl`).
+    """
+    if model is None and gguf_file is None:
+        default = _default_components()
+        lm, tok, info = default.load_default_model(dtype=dtype, progress=progress)
+        lm = lm.to(device).requires_grad_(False)
+        ident = {"source": default.DEFAULT_MODEL_ID, **model_identity(lm), **info}
+    else:
+        lm, tok, ident = load_model(model, gguf_file, dtype, device, trust_remote_code, progress)
+    ident = {**ident, "load": {"model": model, "gguf_file": gguf_file, "trust_remote_code": trust_remote_code}}
+    return lm, tok, ident
 
 
 def _tag(sae_w, taken: set[str]) -> str:
@@ -174,11 +190,7 @@ def sweep(
     text_str = read_text(text)  # fail fast on a bad text, before any model loads
     calib_str = read_text(calib_text) if calib_text is not None else None
 
-    if model is None and gguf_file is None:
-        lm, tok, model_id = default.load_default_model(dtype=torch_dtype, progress=progress)
-        lm = lm.to(device)
-    else:
-        lm, tok, model_id = load_model(model, gguf_file, torch_dtype, device, trust_remote_code, progress)
+    lm, tok, model_id = load_lm(model, gguf_file, torch_dtype, device, trust_remote_code, progress)
     saes = [load_sae(s, device=device) for s in (sae_specs or [default.DEFAULT_SAE_DIR])]
     hooks = [hook or s.hook_name for s in saes]
     n_layers = len(decoder_layers(lm))

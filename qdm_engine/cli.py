@@ -154,6 +154,34 @@ def _add_analyses(sub) -> None:
     p.set_defaults(func=_run_thresholds)
 
 
+def _add_ppl(sub) -> None:
+    p = sub.add_parser("ppl", formatter_class=_Help,
+                       help="sliding-window perplexity for FP and every condition of a run",
+                       description="Reload a run's model and score its audit text with a sliding window "
+                                   "(BOS at the start of each window, only new targets scored, token-weighted) "
+                                   "for FP and each condition; adds ppl_sliding and dppl_sliding_pct to the "
+                                   "run's summary.")
+    p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
+    p.add_argument("--window", type=_positive_int, default=2048, help="positions per window, BOS included")
+    p.add_argument("--stride", type=_positive_int, default=512, help="new tokens per window")
+    p.add_argument("--tokens", type=_positive_int, help="tokens of the audit text to score (default: the run's)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: the run's)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the run's")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_ppl)
+
+
+def _run_ppl(args) -> int:
+    from qdm_engine.sliding_ppl import sliding_ppl
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    summary = sliding_ppl(args.run, args.window, args.stride, args.tokens, args.device, args.dtype,
+                          progress=not args.quiet, log=log)
+    cols = ["condition", "ppl", "dppl_pct", "ppl_sliding", "dppl_sliding_pct"]
+    print(summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
 def _run_predict(args) -> int:
     from qdm_engine.analysis.predictor import fit_predictor
     from qdm_engine.analysis.results import load_features
@@ -195,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_sweep(sub)
     _add_analyses(sub)
+    _add_ppl(sub)
     return parser
 
 

@@ -218,13 +218,20 @@ def load_model(
     lm = lm.to(device).eval().requires_grad_(False)
     identity = {
         "source": model if gguf_file is None else f"{model or source}::{kwargs['gguf_file']}",
-        "class": type(lm).__name__,
-        "model_type": model_family(lm),
-        "n_layers": len(decoder_layers(lm)),
-        "d_model": int(lm.get_input_embeddings().weight.shape[1]),
-        "n_params": int(sum(p.numel() for p in lm.parameters())),
+        **model_identity(lm),
         "dtype": str(dtype).removeprefix("torch."),
         "commit": getattr(lm.config, "_commit_hash", None),
         "load_seconds": round(time.perf_counter() - t0, 2),
     }
     return lm, tok, identity
+
+
+def model_identity(lm: torch.nn.Module) -> dict:
+    """Architecture facts recorded with every run: class, family, depth, width, parameter count."""
+    return {
+        "class": type(lm).__name__,
+        "model_type": model_family(lm),
+        "n_layers": len(decoder_layers(lm)),
+        "d_model": int(lm.get_input_embeddings().weight.shape[1]),
+        "n_params": int(sum(p.numel() for p in lm.parameters())),
+    }

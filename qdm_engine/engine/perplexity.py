@@ -23,3 +23,36 @@ def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
 
 def perplexity(nll: float, n_targets: int) -> float:
     return math.exp(nll / n_targets) if n_targets else float("nan")
+
+
+def sliding_window_nll(model, ids: torch.Tensor, window: int, stride: int, bos_id: int | None,
+                       device: str = "cpu", progress=None) -> tuple[float, int]:
+    """(NLL sum, scored targets) of a 1-D token stream with a sliding window (METHOD.md section 6).
+
+    Each window holds `window` positions (BOS first when `bos_id` is given) and advances by `stride`
+    tokens; only targets not scored by an earlier window count, so every token is scored exactly once,
+    with up to window - stride tokens of context carried over.
+    """
+    if window < 2 or not 0 < stride <= window - 1:  # each new target needs one earlier position as context
+        raise ValueError(f"need window >= 2 and 0 < stride < window, got window {window}, stride {stride}")
+    span = window - (1 if bos_id is not None else 0)  # text tokens per window
+    n = ids.numel()
+    total, count, scored_to = 0.0, 0, 0 if bos_id is not None else 1  # without BOS token 0 has no context
+    begin = 0
+    while True:
+        end = min(begin + span, n)
+        chunk = ids[begin:end]
+        if bos_id is not None:
+            chunk = torch.cat([torch.tensor([bos_id], dtype=ids.dtype), chunk])
+        offset = 1 if bos_id is not None else 0  # position of ids[begin] inside chunk
+        logits = model(input_ids=chunk[None].to(device), use_cache=False).logits[0].to(torch.float32)
+        first = scored_to - begin + offset  # chunk index of the first new target
+        targets = chunk[first:].to(logits.device)
+        total += float(F.cross_entropy(logits[first - 1:-1], targets, reduction="sum").to(torch.float64))
+        count += int(targets.numel())
+        scored_to = end
+        if progress is not None:
+            progress.update()
+        if end == n:
+            return total, count
+        begin += stride

@@ -1,0 +1,96 @@
+"""`qdm-engine ppl`: sliding-window perplexity for the conditions of a finished run.
+
+Reloads the run's model (from config.json), walks the run's own audit text with a sliding window
+(METHOD.md section 6: window W, stride S, BOS at the start of each window, only new targets scored,
+token-weighted), for FP and each compression condition, and adds `ppl_sliding` and
+`dppl_sliding_pct` columns to the run's summary (rewritten atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from qdm_engine.analysis.results import load_config, load_summary
+from qdm_engine.engine.compression import RTN, FPWeights, MagnitudePrune
+from qdm_engine.engine.models import parse_dtype
+from qdm_engine.engine.perplexity import perplexity, sliding_window_nll
+from qdm_engine.engine.tokens import read_text
+from qdm_engine.errors import QdmError
+
+
+def _condition(desc: dict):
+    if desc["method"] == "rtn":
+        return RTN(int(desc["bits"]))
+    if desc["method"] in ("prune", "prune-matched"):
+        return MagnitudePrune(float(desc["sparsity"]))
+    return None  # the FP-vs-FP null has the FP perplexity
+
+
+def _replace_file(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | None = None,
+                device: str | None = None, dtype: str | None = None, progress: bool = True,
+                log=print) -> pd.DataFrame:
+    """Sliding-window perplexity of FP and every condition of `run_dir`; returns and stores the new columns."""
+    from qdm_engine.audit import load_lm
+
+    run_dir = Path(run_dir)
+    config, summary = load_config(run_dir), load_summary(run_dir)
+    if stride < 1 or window < 2 or stride >= window:
+        raise QdmError(f"need 0 < --stride < --window, got window {window}, stride {stride}")
+    load = config.get("model", {}).get("load")
+    if load is None:
+        raise QdmError(f"run '{run_dir}' records no model loading arguments; rerun the sweep with this version")
+    device = device or config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = parse_dtype(dtype or config.get("dtype"), device)
+    lm, tok, _ = load_lm(load["model"], load["gguf_file"], torch_dtype, device, load["trust_remote_code"], progress)
+    text = read_text(config["tokens"]["text"])
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    bos_id = tok.bos_token_id if config["tokens"].get("bos", True) else None
+    cfg = config["tokens"]
+    n_audit = cfg["n_blocks"] * (cfg["block_len"] - (1 if cfg.get("bos_token_id") is not None else 0))
+    ids = ids[: tokens or n_audit]
+    span = window - (1 if bos_id is not None else 0)
+    n_windows = 1 + max(0, -(-(ids.numel() - span) // stride))
+    conds = {c["name"]: _condition(c) for c in config["conditions"]}
+    log(f"sliding-window perplexity: {ids.numel()} tokens, window {window}, stride {stride}, "
+        f"{n_windows} windows x {1 + sum(c is not None for c in conds.values())} models")
+    bar = tqdm(total=n_windows * (1 + sum(c is not None for c in conds.values())), unit="window", disable=not progress)
+    ppl = {}
+    with torch.inference_mode():
+        bar.set_description("fp")
+        ppl["fp"] = perplexity(*sliding_window_nll(lm, ids, window, stride, bos_id, device, bar))
+        saved = FPWeights(lm) if any(conds.values()) else None
+        for name, cond in conds.items():
+            if cond is None:
+                ppl[name] = ppl["fp"]
+                continue
+            bar.set_description(name)
+            cond.apply(lm)
+            try:
+                ppl[name] = perplexity(*sliding_window_nll(lm, ids, window, stride, bos_id, device, bar))
+            finally:
+                saved.restore()
+    bar.close()
+    base = summary["condition"].str.split("/").str[-1]  # several SAEs: '<tag>/int6' rows share int6's ppl
+    summary["ppl_sliding"] = base.map(ppl)
+    summary["dppl_sliding_pct"] = 100.0 * (summary["ppl_sliding"] / ppl["fp"] - 1.0)
+    config["sliding_ppl"] = {"window": window, "stride": stride, "tokens": int(ids.numel()), "windows": n_windows,
+                             "bos": bos_id is not None}
+    _replace_file(run_dir / "summary.csv", summary.to_csv(index=False))
+    records = summary.astype(object).where(summary.notna(), None).to_dict(orient="records")
+    _replace_file(run_dir / "summary.json", json.dumps(records, indent=2) + "\n")
+    _replace_file(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    return summary

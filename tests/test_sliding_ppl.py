@@ -1,0 +1,75 @@
+"""Sliding-window perplexity against direct computations on a tiny model, and `qdm-engine ppl` on a run."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from qdm_engine.cli import main
+from qdm_engine.engine.models import load_model
+from qdm_engine.engine.perplexity import nll_sum, sliding_window_nll
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama):
+    model, tok, _ = load_model(str(tiny_llama), progress=False)
+    return model, tok
+
+
+def _labels_reference(model, ids, window, stride, bos):
+    """Independent path: HF's own loss with -100 labels on already-scored targets, window by window."""
+    span = window - (bos is not None)
+    total, count, done, begin = 0.0, 0, 0 if bos is not None else 1, 0
+    while True:
+        end = min(begin + span, ids.numel())
+        chunk = ids[begin:end]
+        if bos is not None:
+            chunk = torch.cat([torch.tensor([bos]), chunk])
+        labels = chunk.clone()
+        new_from = done - begin + (bos is not None)  # chunk index of the first unscored token
+        labels[:new_from] = -100
+        n = int((labels[1:] != -100).sum())
+        total += model(input_ids=chunk[None], labels=labels[None]).loss.item() * n
+        count += n
+        done = end
+        if end == ids.numel():
+            return total, count
+        begin += stride
+
+
+@pytest.mark.parametrize("bos", [1, None])
+@pytest.mark.parametrize("window,stride", [(24, 8), (24, 23), (17, 5)])
+def test_sliding_window_matches_labels_reference(lm, bos, window, stride):
+    model, tok = lm
+    ids = torch.randint(3, len(tok), (90,), generator=torch.Generator().manual_seed(window + stride))
+    with torch.no_grad():
+        got = sliding_window_nll(model, ids, window, stride, bos)
+        ref = _labels_reference(model, ids, window, stride, bos)
+    assert got[1] == ref[1] == 90 - (bos is None)  # every token scored exactly once
+    assert math.isclose(got[0], ref[0], rel_tol=1e-5)
+
+
+def test_window_covering_the_text_is_the_plain_perplexity(lm):
+    model, tok = lm
+    ids = torch.randint(3, len(tok), (60,), generator=torch.Generator().manual_seed(1))
+    block = torch.cat([torch.tensor([1]), ids])[None]
+    with torch.no_grad():
+        assert sliding_window_nll(model, ids, 200, 100, 1) == pytest.approx(nll_sum(model(input_ids=block).logits, block))
+
+
+def test_ppl_command_adds_columns_to_a_run(tiny_llama, tiny_sae, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["sweep", "--model", str(tiny_llama), "--sae", str(tiny_sae), "--text", str(text_file), "--tokens", "256",
+                 "--block-len", "32", "--bits", "4", "--null", "--quiet", "--out", str(out)]) == 0
+    before = pd.read_csv(out / "summary.csv")
+    capsys.readouterr()
+    assert main(["ppl", str(out), "--window", "64", "--stride", "16", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    after = pd.read_csv(out / "summary.csv")
+    pd.testing.assert_frame_equal(after[before.columns], before)
+    assert after["ppl_sliding"].notna().all() and "ppl_sliding" in printed
+    fp, null = after.set_index("condition").loc[["fp", "fp-null"], "ppl_sliding"]
+    assert fp == null and after.loc[0, "dppl_sliding_pct"] == 0.0
+    assert main(["ppl", str(out), "--window", "16", "--stride", "16"]) == 2
+    assert "0 < --stride < --window" in capsys.readouterr().err
