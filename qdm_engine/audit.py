@@ -43,6 +43,7 @@ class SweepResult:
     features: dict[str, pd.DataFrame]  # condition name -> per-feature table
     config: dict = field(default_factory=dict)
     out: Path | None = None
+    runs: list = field(default_factory=list)  # the raw ConditionRuns, kept when sweep(keep_batches=True)
 
 
 def feature_table(m: FeatureMoments, th: Thresholds) -> pd.DataFrame:
@@ -150,6 +151,7 @@ def sweep(
     out: str | Path | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    keep_batches: bool = False,
     log=print,
 ) -> SweepResult:
     """Audit FP vs each condition (RTN `bits`, pruning `prune`) on identical tokens through frozen SAEs.
@@ -219,7 +221,7 @@ def sweep(
                  else _held_out_blocks(tok, text_str, block_len, calib_budget, bos, blocks.n_blocks))
         conditions.append(match_pruning(lm, RTN(_bits_of(prune_matched)), calib, batch_size, device, log=log))
 
-    runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard)
+    runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches)
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
     config = {
         "qdm_engine_version": __version__,
@@ -256,7 +258,7 @@ def sweep(
         "dtype": model_id["dtype"],
     }
     written = write_run(out, config, summary, features) if out is not None and shard.is_main else None
-    return SweepResult(summary, features, config, written)
+    return SweepResult(summary, features, config, written, runs if keep_batches else [])
 
 
 def _bits_of(name: str) -> int:

@@ -182,6 +182,43 @@ def _run_ppl(args) -> int:
     return 0
 
 
+def _add_stability(sub) -> None:
+    p = sub.add_parser("stability", formatter_class=_Help,
+                       help="survival at several token budgets and on random token subsets (one model pass)",
+                       description="Audit FP vs one RTN condition over the largest budget, keep each batch's "
+                                   "moments, and recount the taxonomy on budget prefixes and random subsets "
+                                   "of batches, as separate audits would, without rerunning the model.")
+    p.add_argument("--condition", default="int6", help="RTN condition, e.g. int6")
+    p.add_argument("--budgets", default="4096,8192,16384", help="token budgets (positions), comma-separated")
+    p.add_argument("--subsets", type=int, default=10, help="random token subsets")
+    p.add_argument("--subset-frac", type=float, default=0.5, help="fraction of the batches in each subset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset draws")
+    for flag, kw in (("--model", {}), ("--gguf-file", {}), ("--sae", {}), ("--hook", {}), ("--text", {}),
+                     ("--device", {}), ("--out", {"help": "folder for config.json and summary.csv (optional)"})):
+        p.add_argument(flag, **{"help": f"as in sweep", **kw})
+    p.add_argument("--block-len", type=_positive_int, default=128, help="positions per block")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="blocks per forward (the subset unit)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="as in sweep")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_stability)
+
+
+def _run_stability(args) -> int:
+    from qdm_engine.stability import format_stability, stability
+
+    try:
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise QdmError(f"cannot read --budgets '{args.budgets}'; use numbers like 50000,100000,200000") from None
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    table = stability(model=args.model, gguf_file=args.gguf_file, sae=args.sae, hook=args.hook, text=args.text,
+                      condition=args.condition, budgets=budgets, subsets=args.subsets, subset_frac=args.subset_frac,
+                      seed=args.seed, out=args.out, block_len=args.block_len, batch_size=args.batch_size,
+                      device=args.device, dtype=args.dtype, progress=not args.quiet, log=log)
+    print(format_stability(table))
+    return 0
+
+
 def _run_predict(args) -> int:
     from qdm_engine.analysis.predictor import fit_predictor
     from qdm_engine.analysis.results import load_features
@@ -214,6 +251,27 @@ def _run_thresholds(args) -> int:
     return 0
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", formatter_class=_Help,
+                       help="figures and one self-contained HTML page of a run's results",
+                       description="Draw a run's results without rerunning any model: survived/degraded/damaged "
+                                   "bars, correlation by bits, perplexity change against survival, RTN vs "
+                                   "pruning per feature, non-survival by firing-rate decile and the survival "
+                                   "predictor, into PNG files and a self-contained report.html (figures "
+                                   "embedded, no network needed) under RUN_DIR/report/.")
+    p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
+    p.add_argument("--condition", help="condition of the survival-predictor figures (default: int6)")
+    p.add_argument("--out", help="folder for the figures and report.html (default: RUN_DIR/report)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from qdm_engine.report import make_report
+
+    print(make_report(args.run, args.out, condition=args.condition))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qdm-engine",
@@ -223,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_sweep(sub)
     _add_analyses(sub)
+    _add_report(sub)
     _add_ppl(sub)
+    _add_stability(sub)
     return parser
 
 

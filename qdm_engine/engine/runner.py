@@ -36,6 +36,7 @@ class ConditionRun:
     n_targets: int
     seconds: float
     moments: list[FeatureMoments] = field(default_factory=list)  # one per SAE; empty for the FP reference
+    batch_moments: list[list[FeatureMoments]] = field(default_factory=list)  # per SAE, per batch (keep_batches)
 
 
 def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard):
@@ -55,12 +56,16 @@ def run_conditions(
     progress: bool = True,
     ppl: bool = True,
     shard: Shard = Shard(),
+    keep_batches: bool = False,
 ) -> list[ConditionRun]:
     """Run FP then every condition over the same blocks; one ConditionRun per row, FP first.
 
     `saes[i]` is read at `hooks[i]`. An `FP()` among `conditions` is the FP-vs-FP null: the FP model is
     run again like any condition. With `ppl=False` each forward stops after the deepest read-out layer.
+    `keep_batches` also keeps each batch's moments (for token-subset stability; one process only).
     """
+    if keep_batches and shard.world > 1:
+        raise ValueError("keep_batches needs a single process")
     sites = sorted(set(hooks))
     n_batches = -(-len(range(shard.rank, blocks.n_blocks, shard.world)) // batch_size)
     bar = tqdm(total=n_batches * (1 + len(conditions)), unit="batch", dynamic_ncols=True,
@@ -97,14 +102,18 @@ def run_conditions(
             bar.set_description(cond.name)
             t0, nll, n = time.perf_counter(), 0.0, 0
             accs = [FeatureMoments.zeros(s.d_sae, device=device) for s in saes]
+            kept: list[list[FeatureMoments]] = [[] for _ in saes]
             cond.apply(model)
             try:
                 for (ids, mask), fp_xs in zip(_batches(blocks, batch_size, shard), cache):
                     xs, b_nll, b_n = forward(ids, mask)
                     for i, (sae, hook) in enumerate(zip(saes, hooks)):
                         prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
-                        accs[i] = accs[i].merge(encode_moments(
-                            prep(fp_xs[hook]), prep(xs[hook]), sae.W_enc, sae.b_enc, sae.b_dec, sae.threshold, sae.k))
+                        m = encode_moments(prep(fp_xs[hook]), prep(xs[hook]), sae.W_enc, sae.b_enc, sae.b_dec,
+                                           sae.threshold, sae.k)
+                        accs[i] = accs[i].merge(m)
+                        if keep_batches:
+                            kept[i].append(m.to("cpu"))
                     nll, n = nll + b_nll, n + b_n
                     bar.update()
             finally:
@@ -112,6 +121,6 @@ def run_conditions(
                     saved.restore()
             nll, n = shard.sum(nll, n)
             runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0,
-                                     [shard.merge(a) for a in accs]))
+                                     [shard.merge(a) for a in accs], kept if keep_batches else []))
     bar.close()
     return runs
