@@ -16,7 +16,8 @@ the dispatch point `encode_moments`.
 The fused kernel
 ----------------
 Program (g, f) owns a tile of BLOCK_F features and a contiguous range of `tokens_per_group` tokens
-(a "group"). It walks its range BLOCK_T tokens at a time; for each token tile it runs the K loop over
+(a "group"); the 1-D grid numbers programs group-fastest, so the programs in flight together read
+the same W_enc columns (from L2). It walks its range BLOCK_T tokens at a time; for each token tile it runs the K loop over
 d, loading one W_enc tile [BLOCK_D, BLOCK_F] and using it for both GEMMs (x_fp and x_c tiles, with
 b_dec subtracted in float32), accumulating in float32 with `tl.dot`. The epilogue adds b_enc, applies
 the activation and reduces the tile over its valid tokens (t < T and mask[t]):
@@ -31,7 +32,9 @@ the activation and reduces the tile over its valid tokens (t < T and mask[t]):
   Float32 sums here were tried first and cost r about 1e-6 on very sparse features (one firing in a
   tile). The float64 tile work is ~14 float64 operations per activation pair, against 4*d
   tensor-core operations (times 3 for tf32x3) for the two GEMMs: a few per cent of the GEMM time at
-  d >= 512 on an H100 (67 TFLOP/s float64 against ~500 TFLOP/s tf32), to be confirmed on the GPU.
+  d >= 512 on an H100 (67 TFLOP/s float64 against ~500 TFLOP/s tf32), to be confirmed on the GPU,
+  as is the register pressure of the float64 epilogue on large tiles (the autotuner drops configs
+  that spill badly only by timing them).
 Each program writes its group's moments (the 9 FeatureMoments fields, float64) to its own slot of a
 [G, 9, F] buffer; a second pass in torch merges the G groups with `FeatureMoments.merge` in group
 order. No atomics anywhere: the same inputs give bitwise the same result on every run.
@@ -39,7 +42,7 @@ order. No atomics anywhere: the same inputs give bitwise the same result on ever
 Precision of the GEMMs: `precision="tf32x3"` (default) splits each float32 operand into two tf32
 parts on the tensor cores (about float32 accuracy at three times the tf32 work); `"ieee"` is plain
 float32 FMA (slowest, closest to the reference); `"tf32"` is one tf32 product (fastest, ~1e-3
-relative error in pre-activations). The interpreter computes every mode as exact float32 products.
+relative error in pre-activations). The interpreter computes every mode as a numpy float32 matmul.
 
 TopK: the selection is made in torch, as the reference makes it: one extra GEMM per side computes
 the pre-activations (in token chunks, so at most `topk_chunk` x F floats at a time), `torch.topk`
