@@ -25,7 +25,7 @@ from qdm_engine.analysis.taxonomy import Thresholds, classify, summarize
 from qdm_engine.engine.compression import FP, RTN, MagnitudePrune, family_of, parse_bits
 from qdm_engine.engine.models import decoder_layers, load_model, model_identity, parse_dtype, parse_hook
 from qdm_engine.engine.perplexity import perplexity
-from qdm_engine.engine.runner import ConditionRun, run_conditions
+from qdm_engine.engine.runner import ConditionRun, auto_batch_size, run_conditions
 from qdm_engine.engine.sae import load_sae
 from qdm_engine.engine.tokens import make_blocks, read_text
 from qdm_engine.errors import QdmError
@@ -141,7 +141,7 @@ def sweep(
     calib_tokens: int = 4096,
     tokens: int | None = 16384,
     block_len: int = 128,
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     bos: bool = True,
     ppl: bool = True,
     device: str | None = None,
@@ -168,8 +168,8 @@ def sweep(
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
     conditions = _conditions(bits, prune, null, prune_matched)
-    if batch_size < 1:
-        raise QdmError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise QdmError(f"--batch-size must be a positive number or auto, got {batch_size}")
     if prune_matched and not ppl:
         raise QdmError("--prune-matched needs perplexities: drop --no-ppl")
     shard, device = init_from_env(device)
@@ -206,6 +206,8 @@ def sweep(
     if any(not isinstance(c, FP) for c in conditions) or prune_matched:
         family_of(lm)  # compression needs a known family: fail before any forward pass
     blocks = make_blocks(tok, text_str, block_len, tokens, bos)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(lm, block_len, device)
     taken: set[str] = set()
     tags = [_tag(s, taken) for s in saes]
     for s, h, t in zip(saes, hooks, tags):

@@ -42,6 +42,10 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _batch_size(s: str):
+    return "auto" if s == "auto" else _positive_int(s)
+
+
 def _add_sweep(sub) -> None:
     p = sub.add_parser(
         "sweep",
@@ -85,7 +89,8 @@ def _add_sweep(sub) -> None:
     g.add_argument("--survived", type=float, default=0.9, help="r above this: survived")
     g.add_argument("--damaged", type=float, default=0.5, help="r below this: damaged")
     g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="blocks per forward pass")
+    g.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="blocks per forward pass; auto: 8 on CPU, from free memory on CUDA (halved on out-of-memory)")
     g.add_argument("--no-ppl", dest="ppl", action="store_false",
                    help="features only: stop each forward at the deepest read-out layer (no perplexity)")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")

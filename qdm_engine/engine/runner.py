@@ -39,6 +39,32 @@ class ConditionRun:
     batch_moments: list[list[FeatureMoments]] = field(default_factory=list)  # per SAE, per batch (keep_batches)
 
 
+def auto_batch_size(model: torch.nn.Module, block_len: int, device: str, free_bytes: int | None = None) -> int:
+    """Blocks per forward: 8 on CPU; on CUDA as many as a quarter of the free memory holds.
+
+    Per position a forward keeps about the logits (vocab, model dtype, plus a float32 copy per block
+    for the loss) and a few dozen hidden-size activations; the OOM fallback covers a wrong guess.
+    """
+    if not str(device).startswith("cuda") and free_bytes is None:
+        return 8
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    emb = model.get_input_embeddings().weight
+    vocab, d, item = emb.shape[0], emb.shape[1], emb.element_size()
+    per_position = vocab * item + 32 * d * item
+    per_block = block_len * per_position + block_len * vocab * 4
+    return int(max(1, min(512, (free_bytes // 4) // per_block)))
+
+
+def _cache_device(blocks: TokenBlocks, d_model: int, n_sites: int, item: int, device: str) -> str:
+    """Keep the FP read-out cache on the GPU when it takes under half the free memory, else on the host."""
+    if not str(device).startswith("cuda"):
+        return device
+    need = blocks.scored_positions * d_model * n_sites * item
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return device if need < free // 2 else "cpu"
+
+
 def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard):
     ids, mask = blocks.ids[shard.rank::shard.world], blocks.score_mask[shard.rank::shard.world]
     for lo in range(0, ids.shape[0], batch_size):
@@ -71,8 +97,9 @@ def run_conditions(
     bar = tqdm(total=n_batches * (1 + len(conditions)), unit="batch", dynamic_ncols=True,
                disable=not (progress and shard.is_main))
 
-    def forward(ids, mask):
-        """Read-outs of the scored positions at each site, and the batch's NLL sum and target count."""
+    split = {"rows": None}  # after an out-of-memory error: the most blocks one forward may take
+
+    def forward_once(ids, mask):
         try:
             logits = model(input_ids=ids.to(device), use_cache=False).logits
         except StopForward:
@@ -81,8 +108,33 @@ def run_conditions(
         xs = {h: ro[h].value.reshape(-1, ro[h].value.shape[-1])[keep] for h in sites}
         return xs, *(nll_sum(logits, ids) if logits is not None else (0.0, 0))
 
+    def forward(ids, mask):
+        """Read-outs of the scored positions at each site, and the batch's NLL sum and target count.
+
+        On CUDA out-of-memory the batch is retried in halves (and later batches are split the same way),
+        so the results are those of the whole batch.
+        """
+        rows = split["rows"] or ids.shape[0]
+        try:
+            parts = [forward_once(ids[i:i + rows], mask[i:i + rows]) for i in range(0, ids.shape[0], rows)]
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            split["rows"] = (rows + 1) // 2
+            if str(device).startswith("cuda"):
+                torch.cuda.empty_cache()
+            return forward(ids, mask)
+        if len(parts) == 1:
+            return parts[0]
+        xs = {h: torch.cat([p[0][h] for p in parts]) for h in sites}
+        return xs, sum(p[1] for p in parts), sum(p[2] for p in parts)
+
     runs: list[ConditionRun] = []
-    cache: list[dict[str, torch.Tensor]] = []
+    cache: list[dict[str, torch.Tensor]] = []  # FP read-outs per batch, on the GPU or in pinned host memory
+    emb = model.get_input_embeddings().weight
+    cache_on = _cache_device(blocks, emb.shape[1], len(sites), emb.element_size(), device)
+    to_cache = (lambda x: x) if cache_on == device else (lambda x: x.to("cpu").pin_memory())
+    from_cache = (lambda x: x) if cache_on == device else (lambda x: x.to(device, non_blocking=True))
     with torch.inference_mode(), ExitStack() as stack:
         ro = {h: stack.enter_context(read_out(model, h)) for h in sites}
         if not ppl:
@@ -91,7 +143,7 @@ def run_conditions(
         t0, nll, n = time.perf_counter(), 0.0, 0
         for ids, mask in _batches(blocks, batch_size, shard):
             xs, b_nll, b_n = forward(ids, mask)
-            cache.append(xs)
+            cache.append({h: to_cache(x) for h, x in xs.items()})
             nll, n = nll + b_nll, n + b_n
             bar.update()
         nll, n = shard.sum(nll, n)
@@ -105,7 +157,8 @@ def run_conditions(
             kept: list[list[FeatureMoments]] = [[] for _ in saes]
             cond.apply(model)
             try:
-                for (ids, mask), fp_xs in zip(_batches(blocks, batch_size, shard), cache):
+                for (ids, mask), cached in zip(_batches(blocks, batch_size, shard), cache):
+                    fp_xs = {h: from_cache(x) for h, x in cached.items()}
                     xs, b_nll, b_n = forward(ids, mask)
                     for i, (sae, hook) in enumerate(zip(saes, hooks)):
                         prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
