@@ -167,6 +167,8 @@ def _groups(run_dir: Path, config: dict, summary: pd.DataFrame) -> list[Group]:
             name = str(row["condition"])
             short = name[len(prefix):] if name.startswith(prefix) else name
             method, bits = _method_of(short, row.get("method"))
+            if method == "rtn" and bits is None and math.isfinite(_num(row.get("bits"))):
+                bits = int(_num(row.get("bits")))  # an RTN condition named other than intN
             if short == "fp" and method == "fp":
                 fp_row = row
             elif name in stored:  # a condition without its per-feature table cannot be drawn

@@ -204,6 +204,15 @@ def test_run_without_rtn_or_mixed_outcomes(tmp_path):
     assert not (run / "report" / "predictor_roc.png").exists()
 
 
+def test_run_with_no_active_features_draws_nothing_and_says_why(tmp_path):
+    run = synthetic_run(tmp_path / "quiet", {k: FULL[k] for k in ("int6", "prune-0.175")}, n_active=0, undefined=0)
+    text = make_report(run).read_text(encoding="utf-8")
+    assert list((run / "report").glob("*.png")) == [] and pngs_in(text) == []
+    assert len(notes(text)) == len(FIGURES)
+    assert notes(text)[0] == "No compressed condition has active features, so there is nothing to split."
+    assert "no active features in the FP run" in notes(text)[3]
+
+
 def test_run_without_perplexity(tmp_path):
     run = synthetic_run(tmp_path / "noppl", {k: FULL[k] for k in ("int8", "int6", "prune-0.175")}, ppl=False)
     text = make_report(run).read_text(encoding="utf-8")
