@@ -16,13 +16,6 @@ from qdm_engine.errors import QdmError
 from qdm_engine.kernels.moments import FeatureMoments
 
 
-def _merge(parts: list[FeatureMoments]) -> FeatureMoments:
-    total = parts[0]
-    for p in parts[1:]:
-        total = total.merge(p)
-    return total
-
-
 def stability(model=None, sae=None, condition: str = "int6", budgets=(4096, 8192, 16384), subsets: int = 10,
               subset_frac: float = 0.5, seed: int = 0, thresholds: Thresholds = Thresholds(), out=None,
               log=print, **sweep_kwargs) -> pd.DataFrame:
@@ -50,14 +43,14 @@ def stability(model=None, sae=None, condition: str = "int6", budgets=(4096, 8192
         k = int(np.searchsorted(positions, budget, side="right") - 1)  # whole batches within the budget
         if k < 1:
             raise QdmError(f"budget {budget} is smaller than one batch ({positions[1]} positions); lower --batch-size")
-        m = _merge(parts[:k])
+        m = FeatureMoments.merge_all(parts[:k])
         rows.append({"kind": "budget", "index": budget, "positions": int(positions[k]), "scored": int(m.n),
                      **summarize(feature_table(m, thresholds))})
     rng = np.random.default_rng(seed)
     take = max(1, round(subset_frac * len(parts)))
     for i in range(subsets):
         pick = np.sort(rng.choice(len(parts), size=take, replace=False))
-        m = _merge([parts[j] for j in pick])
+        m = FeatureMoments.merge_all([parts[j] for j in pick])
         rows.append({"kind": "subset", "index": i, "positions": int(sum(positions[j + 1] - positions[j] for j in pick)),
                      "scored": int(m.n), **summarize(feature_table(m, thresholds))})
     table = pd.DataFrame(rows)

@@ -33,10 +33,7 @@ class Shard:
         packed = m.pack()
         parts = [torch.empty_like(packed) for _ in range(self.world)]
         dist.all_gather(parts, packed)
-        total = FeatureMoments.unpack(parts[0])
-        for p in parts[1:]:
-            total = total.merge(FeatureMoments.unpack(p))
-        return total
+        return FeatureMoments.merge_all(FeatureMoments.unpack(p) for p in parts)
 
     def sum(self, *values: float) -> tuple[float, ...]:
         """Sums of float64 scalars over ranks."""

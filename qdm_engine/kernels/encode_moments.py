@@ -423,10 +423,7 @@ def merge_partials(part: torch.Tensor) -> FeatureMoments:
     """Second pass: merge the [G, 9, F] group moments in group order, in float64 (deterministic)."""
     if part.dim() != 3 or part.shape[1] != _N_STATS or part.shape[0] < 1 or part.dtype != torch.float64:
         raise ValueError(f"expected float64 partial moments [G, {_N_STATS}, F], got {tuple(part.shape)} {part.dtype}")
-    acc = FeatureMoments.unpack(part[0])
-    for g in range(1, part.shape[0]):
-        acc = acc.merge(FeatureMoments.unpack(part[g]))
-    return acc
+    return FeatureMoments.merge_all(FeatureMoments.unpack(p) for p in part)
 
 
 def encode_moments_triton(

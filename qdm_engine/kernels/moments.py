@@ -91,6 +91,15 @@ class FeatureMoments:
             max_x=torch.maximum(self.max_x, other.max_x),
         )
 
+    @staticmethod
+    def merge_all(parts) -> "FeatureMoments":
+        """Merge a non-empty sequence left to right: a fixed order, so the result is deterministic."""
+        parts = list(parts)
+        total = parts[0]
+        for p in parts[1:]:
+            total = total.merge(p)
+        return total
+
     def clone(self) -> "FeatureMoments":
         return FeatureMoments(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
 

@@ -45,3 +45,17 @@ def test_missing_model_path_is_a_user_error(tmp_path):
         load_model(str(tmp_path / "nope"))
     with pytest.raises(QdmError, match="GGUF file .* does not exist"):
         load_model(gguf_file=str(tmp_path / "model.gguf"))
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_through_transformers():
+    """--gguf-file: the real SmolLM2 GGUF the default model ships as, dequantized by transformers."""
+    from qdm_engine.engine.default import default_gguf_path
+
+    model, tok, ident = load_model(gguf_file=str(default_gguf_path()), progress=False)
+    assert ident["model_type"] == "llama" and ident["d_model"] == 576 and ident["n_layers"] == 30
+    assert ident["source"].endswith("::SmolLM2-135M-Instruct.Q4_1.gguf")
+    ids = torch.tensor([tok("The river flows north", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), read_out(model, "blocks.14.hook_resid_post") as ro:
+        out = model(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(ro.value, out.hidden_states[15], rtol=0, atol=0)
