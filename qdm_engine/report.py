@@ -256,8 +256,9 @@ def fig_correlation_by_bits(group: Group, th: dict) -> Figure:
         "How fast does feature fidelity fall with fewer bits?",
         "Round-to-nearest (RTN) quantization at each bit width. For every active feature we correlate its "
         "activations in the compressed model with those in the FP model over the same tokens (Pearson r; "
-        "1 means unchanged). The lines show the mean and the median of r over active features; the dashed "
-        "lines mark the survived and damaged thresholds. Bits decrease to the right, i.e. compression grows.",
+        "1 means unchanged). The lines show the mean and the median of r over active features; dotted grey "
+        "lines mark the survived (and, when in range, damaged) thresholds. Bits decrease to the right, i.e. "
+        "compression grows.",
     )
     rtn = [c for c in group.rtn if math.isfinite(c.value("mean_r"))]
     if len(rtn) < 2:
@@ -274,7 +275,7 @@ def fig_correlation_by_bits(group: Group, th: dict) -> Figure:
         ax.plot(bits, median_r, "s--", color=ORANGE, lw=1.5, ms=6, label="median r")
     for b, v in zip(bits, mean_r):
         ax.annotate(f"{v:.3f}", (b, v), textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9,
-                    color=BLUE)
+                    color=BLUE, bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.85))
     lo = float(np.nanmin(np.concatenate([mean_r, median_r])))
     lo = min(lo, th["survived"]) - 0.06  # the damaged line only when the curves come near it
     ax.set_ylim(lo, 1.02)
