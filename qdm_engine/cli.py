@@ -97,6 +97,7 @@ def _add_sweep(sub) -> None:
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--out", help="results folder (default: qdm-runs/<time>); must not exist or be empty")
+    g.add_argument("--report", action="store_true", help="also write RUN_DIR/report/report.html and its figures")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_sweep)
 
@@ -119,6 +120,10 @@ def _run_sweep(args) -> int:
         return 0
     print(format_summary(result.summary))
     print(f"\nresults: {result.out}  ({result.config['wall_seconds']:.1f} s)")
+    if args.report:
+        from qdm_engine.report import make_report
+
+        print(f"report:  {make_report(result.out)}")
     return 0
 
 

@@ -22,7 +22,7 @@ def sweep_args(model, sae, text, out, *extra):
 @pytest.fixture(scope="module")
 def run(tiny_llama, tiny_sae, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    rc = main(sweep_args(tiny_llama, tiny_sae, text_file, out, "--bits", "8..4", "--prune", "0.5", "--null"))
+    rc = main(sweep_args(tiny_llama, tiny_sae, text_file, out, "--bits", "8..4", "--prune", "0.5", "--null", "--report"))
     return rc, out
 
 
@@ -178,3 +178,9 @@ def test_features_only_mode_gives_the_same_features(tiny_llama, tiny_sae, text_f
     pd.testing.assert_frame_equal(full.features["int4"], fast.features["int4"])
     assert fast.summary["ppl"].isna().all() and full.summary["ppl"].notna().all()
     assert fast.config["tokens"]["ppl_targets"] == 0
+
+
+def test_sweep_report_flag_writes_the_report(run):
+    _, out = run
+    html = (out / "report" / "report.html").read_text()
+    assert "<img" in html and "int4" in html
