@@ -19,6 +19,9 @@ setup(
         "pandas",
         "pyarrow",
         "tqdm",
+        "scipy",
+        "scikit-learn",
+        "matplotlib",
     ],
     extras_require={
         "sae": ["sae-lens>=6"],
