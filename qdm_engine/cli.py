@@ -120,10 +120,14 @@ def _run_sweep(args) -> int:
         return 0
     print(format_summary(result.summary))
     print(f"\nresults: {result.out}  ({result.config['wall_seconds']:.1f} s)")
-    if args.report:
+    if args.report:  # the run folder is complete: a failed report must not cost the audit
         from qdm_engine.report import make_report
 
-        print(f"report:  {make_report(result.out)}")
+        try:
+            print(f"report:  {make_report(result.out)}")
+        except (QdmError, ImportError, OSError) as exc:
+            print(f"qdm-engine: warning: report not written ({exc}); retry with qdm-engine report {result.out}",
+                  file=sys.stderr)
     return 0
 
 
