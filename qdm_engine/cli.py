@@ -286,6 +286,51 @@ def _run_report(args) -> int:
     return 0
 
 
+def _add_train_sae(sub) -> None:
+    p = sub.add_parser("train-sae", formatter_class=_Help,
+                       help="train a residual-stream SAE with SAELens (reproduces the shipped default SAE)",
+                       description="Cache a model's residual-stream activations over a text file in batches, train "
+                                   "a standard ReLU SAE on them with SAELens, evaluate it on held-out text (L0, "
+                                   "variance explained, dead features, CE loss recovered) and write a SAELens-format "
+                                   "folder (cfg.json, sae_weights.safetensors) plus metrics.json. With no --model "
+                                   "and no --gguf-file it uses the default model and the default SAE's settings.")
+    p.add_argument("--out", required=True, help="new or empty folder for the SAE")
+    p.add_argument("--model", help="local HF model folder (default: the default model)")
+    p.add_argument("--gguf-file", help="a GGUF file to dequantize and train on instead")
+    p.add_argument("--hook", default="blocks.14.hook_resid_post", help="read-out site, blocks.L.hook_resid_post")
+    p.add_argument("--width", type=_positive_int, help="number of features (default: 8 x d_model)")
+    p.add_argument("--text", help="training text file (default: the WikiText-2 train prefix in shared/)")
+    p.add_argument("--eval-text", help="held-out text file (default: the WikiText-2 validation prefix in shared/)")
+    p.add_argument("--tokens", type=_positive_int, default=1_048_576, help="training activations (several epochs "
+                   "when the text is shorter)")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--context-size", type=_positive_int, default=256, help="positions per block, BOS included")
+    p.add_argument("--batch-tokens", type=_positive_int, default=1024, help="activations per training step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--l1", type=float, default=4.0, help="L1 coefficient")
+    p.add_argument("--weights-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="storage dtype of the saved weights (loaded and encoded in float32)")
+    p.add_argument("--work-dir", help="keep the activation cache here and reuse it on a rerun (default: a temp dir)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_run_train_sae)
+
+
+def _run_train_sae(args) -> int:
+    from qdm_engine.engine.training import train_sae
+
+    optional = {"text": args.text, "eval_text": args.eval_text}
+    metrics = train_sae(model=args.model, gguf_file=args.gguf_file, hook=args.hook, width=args.width,
+                        tokens=args.tokens, seed=args.seed, out=args.out, context_size=args.context_size,
+                        batch_tokens=args.batch_tokens, lr=args.lr, l1_coefficient=args.l1,
+                        weights_dtype=args.weights_dtype, work_dir=args.work_dir, progress=not args.quiet,
+                        **{k: v for k, v in optional.items() if v is not None})
+    ev = metrics.get("eval", {})
+    print(f"{args.out}: {metrics['d_sae']} features at {metrics['hook_name']}, {metrics['training_steps']} steps; "
+          + (f"held-out L0 {ev['l0']:.1f}, FVE {ev['fve']:.3f}, dead {100 * ev['dead_fraction']:.1f}%, "
+             f"CE loss recovered {ev['ce_loss_recovered']:.3f}" if ev else "not evaluated"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qdm-engine",
@@ -298,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_ppl(sub)
     _add_stability(sub)
+    _add_train_sae(sub)
     return parser
 
 

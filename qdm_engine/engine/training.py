@@ -194,7 +194,6 @@ def train_sae(
             raise QdmError(f"text {text} gives only {n_text_tokens} tokens; need at least {store_batch * context_size}")
         cache_tokens = n_blocks * context_size
         _log(progress, f"{n_text_tokens} text tokens -> {n_blocks} blocks of {context_size} (BOS first)")
-        _log(progress, f"caching {hook} ({hf_hook}) activations for {cache_tokens} positions")
 
         acts_dir = work / "activations"
         stamp_path = work / "activations.json"
@@ -204,7 +203,10 @@ def train_sae(
         if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp and acts_dir.is_dir():
             # A work_dir from an earlier run with the same model, hook, text and blocks: reuse its cache.
             _log(progress, f"reusing cached activations in {acts_dir}")
+            reused = True
         else:
+            reused = False
+            _log(progress, f"caching {hook} ({hf_hook}) activations for {cache_tokens} positions")
             if acts_dir.exists():
                 shutil.rmtree(acts_dir)
             stamp_path.unlink(missing_ok=True)
@@ -231,7 +233,8 @@ def train_sae(
             CacheActivationsRunner(cache_cfg, override_dataset=dataset).run()
             stamp_path.write_text(json.dumps(stamp) + "\n")
         cache_seconds = time.perf_counter() - t0
-        _log(progress, f"cached activations in {cache_seconds:.0f} s")
+        if not reused:
+            _log(progress, f"cached activations in {cache_seconds:.0f} s")
 
         n_steps = tokens // batch_tokens
         warm_up = lr_warm_up_steps if lr_warm_up_steps is not None else min(100, n_steps // 10)
@@ -261,7 +264,7 @@ def train_sae(
             training_tokens=n_steps * batch_tokens,
             train_batch_size_tokens=batch_tokens,
             store_batch_size_prompts=store_batch,
-            n_batches_in_buffer=16,
+            n_batches_in_buffer=64,  # ~131k activations mixed: the cached blocks are in text order
             lr=lr,
             lr_scheduler_name="constant",
             lr_warm_up_steps=warm_up,
@@ -320,6 +323,7 @@ def train_sae(
                 "decoder_init_norm": 0.1,
                 "weights_dtype": weights_dtype,
             },
+            "activation_cache_reused": reused,
             "seconds": {"activation_cache": round(cache_seconds, 1), "training": round(train_seconds, 1)},
             "versions": _versions(),
         }

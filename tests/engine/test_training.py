@@ -131,3 +131,16 @@ def test_tiny_training_run(tiny_llama, text_file, tmp_path):
     assert 0.0 <= ev["dead_fraction"] <= 1.0 and 0.0 < ev["l0"] < 96
     assert ev["fve"] > 0.0  # trained: better than predicting the mean
     assert ev["weights_roundtrip"]["max_abs_diff_rel_to_max_act"] < 1e-2
+
+
+def test_cli_train_sae_bad_input(tmp_path, capsys, tiny_llama, text_file):
+    from qdm_engine.cli import main
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    assert main(["train-sae", "--out", str(full), "--model", str(tiny_llama), "--text", str(text_file)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["train-sae", "--out", str(tmp_path / "o"), "--model", str(tiny_llama),
+                 "--hook", "blocks.1.hook_mlp_out"]) == 2
+    assert "blocks.L.hook_resid_post" in capsys.readouterr().err
