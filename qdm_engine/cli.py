@@ -301,7 +301,7 @@ def _add_train_sae(sub) -> None:
     p.add_argument("--width", type=_positive_int, help="number of features (default: 8 x d_model)")
     p.add_argument("--text", help="training text file (default: the WikiText-2 train prefix in shared/)")
     p.add_argument("--eval-text", help="held-out text file (default: the WikiText-2 validation prefix in shared/)")
-    p.add_argument("--tokens", type=_positive_int, default=1_048_576, help="training activations (several epochs "
+    p.add_argument("--tokens", type=_positive_int, default=2_097_152, help="training activations (several epochs "
                    "when the text is shorter)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--context-size", type=_positive_int, default=256, help="positions per block, BOS included")

@@ -123,7 +123,7 @@ def train_sae(
     hook: str = "blocks.14.hook_resid_post",
     width: int | None = None,
     text: str | os.PathLike[str] = DEFAULT_TRAIN_TEXT,
-    tokens: int = 1_048_576,
+    tokens: int = 2_097_152,
     seed: int = 0,
     out: str | os.PathLike[str] = "sae-out",
     eval_text: str | os.PathLike[str] | None = DEFAULT_EVAL_TEXT,
