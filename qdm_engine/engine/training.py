@@ -285,6 +285,9 @@ def train_sae(
         proxy = HookedProxyLM(hf_model, tokenizer, hook_names=[hf_hook])
         t0 = time.perf_counter()
         _log(progress, f"training {d_sae} features on {n_steps * batch_tokens} activations ({n_steps} steps)")
+        # SAELens does not seed; seeding here (not only at the start) makes the SAE's initialisation and
+        # batch mixing the same whether the activation cache was just made or reused.
+        torch.manual_seed(seed)
         runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=dataset, override_model=proxy)
         sae = runner.run()
         train_seconds = time.perf_counter() - t0

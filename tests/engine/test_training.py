@@ -112,9 +112,11 @@ def test_tiny_training_run(tiny_llama, text_file, tmp_path):
     from sae_lens import SAE
 
     out = tmp_path / "sae"
-    metrics = train_sae(model=tiny_llama, hook="blocks.1.hook_resid_post", width=96, text=text_file,
-                        tokens=48 * 128, batch_tokens=128, context_size=32, seed=0, out=out,
-                        eval_text=text_file, ce_tokens=256, progress=False)
+    kw = dict(model=tiny_llama, hook="blocks.1.hook_resid_post", width=96, text=text_file, tokens=48 * 128,
+              batch_tokens=128, context_size=32, seed=0, eval_text=text_file, ce_tokens=256, progress=False,
+              work_dir=tmp_path / "work")
+    metrics = train_sae(out=out, **kw)
+    assert metrics["activation_cache_reused"] is False
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "metrics.json", "sae_weights.safetensors"]
     sae = SAE.load_from_disk(str(out), device="cpu")
     assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
@@ -131,6 +133,13 @@ def test_tiny_training_run(tiny_llama, text_file, tmp_path):
     assert 0.0 <= ev["dead_fraction"] <= 1.0 and 0.0 < ev["l0"] < 96
     assert ev["fve"] > 0.0  # trained: better than predicting the mean
     assert ev["weights_roundtrip"]["max_abs_diff_rel_to_max_act"] < 1e-2
+    # Same seed, activation cache reused from the work dir: the same SAE, bit for bit.
+    again = train_sae(out=tmp_path / "again", **kw)
+    assert again["activation_cache_reused"] is True
+    sae2 = SAE.load_from_disk(str(tmp_path / "again"), device="cpu")
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(sae, name), getattr(sae2, name)), name
+    assert again["eval"]["fve"] == ev["fve"]
 
 
 def test_cli_train_sae_bad_input(tmp_path, capsys, tiny_llama, text_file):
