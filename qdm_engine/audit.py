@@ -23,7 +23,9 @@ from qdm_engine import __version__
 from qdm_engine.analysis.results import check_out_dir, write_run
 from qdm_engine.analysis.taxonomy import Thresholds, classify, summarize
 from qdm_engine.engine.compression import FP, RTN, MagnitudePrune, family_of, parse_bits
-from qdm_engine.engine.models import decoder_layers, load_model, model_identity, parse_dtype, parse_hook
+from qdm_engine.engine.models import (
+    decoder_layers, hf_progress_bars, load_model, model_identity, parse_dtype, parse_hook,
+)
 from qdm_engine.engine.perplexity import perplexity
 from qdm_engine.engine.runner import ConditionRun, auto_batch_size, run_conditions
 from qdm_engine.engine.sae import load_sae
@@ -106,11 +108,12 @@ def load_lm(model, gguf_file, dtype, device, trust_remote_code=False, progress=T
     """
     if model is None and gguf_file is None:
         default = _default_components()
-        lm, tok, info = default.load_default_model(dtype=dtype, progress=progress)
+        with hf_progress_bars(False):
+            lm, tok, info = default.load_default_model(dtype=dtype, progress=progress)
         lm = lm.to(device).requires_grad_(False)
         ident = {"source": default.DEFAULT_MODEL_ID, **model_identity(lm), **info}
     else:
-        lm, tok, ident = load_model(model, gguf_file, dtype, device, trust_remote_code, progress)
+        lm, tok, ident = load_model(model, gguf_file, dtype, device, trust_remote_code)
     ident = {**ident, "load": {"model": model, "gguf_file": gguf_file, "trust_remote_code": trust_remote_code}}
     return lm, tok, ident
 
@@ -139,7 +142,7 @@ def sweep(
     text: str | None = None,
     calib_text: str | None = None,
     calib_tokens: int = 4096,
-    tokens: int | None = 16384,
+    tokens: int | str | None = "auto",
     block_len: int = 128,
     batch_size: int | str = "auto",
     bos: bool = True,
@@ -205,6 +208,8 @@ def sweep(
             )
     if any(not isinstance(c, FP) for c in conditions) or prune_matched:
         family_of(lm)  # compression needs a known family: fail before any forward pass
+    if tokens == "auto":  # a few minutes for an INT8..INT4 sweep of a ~100M model on 2 CPU cores
+        tokens = 8192 if device == "cpu" else 131072
     blocks = make_blocks(tok, text_str, block_len, tokens, bos)
     if batch_size == "auto":
         batch_size = auto_batch_size(lm, block_len, device)

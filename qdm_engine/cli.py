@@ -42,7 +42,8 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _batch_size(s: str):
+def _count_or_auto(s: str):
+    """A positive whole number, or 'auto'."""
     return "auto" if s == "auto" else _positive_int(s)
 
 
@@ -79,7 +80,8 @@ def _add_sweep(sub) -> None:
     g = p.add_argument_group("tokens")
     g.add_argument("--text", help="audit text: a local UTF-8 file or a datasets name path[:config[:split]] "
                                   "(default: the bundled WikiText-2-raw test split)")
-    g.add_argument("--tokens", type=_positive_int, default=16384, help="token budget (positions, BOS included)")
+    g.add_argument("--tokens", type=_count_or_auto, default="auto",
+                   help="token budget (positions, BOS included); auto: 8192 on CPU, 131072 on CUDA")
     g.add_argument("--block-len", type=_positive_int, default=128, help="positions per block")
     g.add_argument("--no-bos", dest="bos", action="store_false",
                    help="do not prepend BOS to each block (the paper's convention); by default BOS is "
@@ -89,7 +91,7 @@ def _add_sweep(sub) -> None:
     g.add_argument("--survived", type=float, default=0.9, help="r above this: survived")
     g.add_argument("--damaged", type=float, default=0.5, help="r below this: damaged")
     g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=_batch_size, default="auto",
+    g.add_argument("--batch-size", type=_count_or_auto, default="auto",
                    help="blocks per forward pass; auto: 8 on CPU, from free memory on CUDA (halved on out-of-memory)")
     g.add_argument("--no-ppl", dest="ppl", action="store_false",
                    help="features only: stop each forward at the deepest read-out layer (no perplexity)")
@@ -107,7 +109,7 @@ def _run_sweep(args) -> int:
     from qdm_engine.audit import format_summary, sweep
 
     out = args.out or os.path.join("qdm-runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, flush=True)  # noqa: E731  (what is audited is part of the output)
     result = sweep(
         model=args.model, sae=args.sae, bits=args.bits, prune=args.prune, prune_matched=args.prune_matched,
         gguf_file=args.gguf_file, hook=args.hook, text=args.text, calib_text=args.calib_text,

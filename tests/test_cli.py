@@ -70,9 +70,11 @@ def test_console_script_prints_the_table(tiny_llama, tiny_sae, text_file, tmp_pa
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split()[:4] == ["condition", "bits", "PPL", "dPPL"]
-    assert [ln.split()[0] for ln in lines[2:5]] == ["fp", "int8", "int4"]
-    assert "auditing" in proc.stderr and str(out) in proc.stdout
+    assert lines[0].startswith(f"auditing {tiny_llama} at blocks.1.hook_resid_post with SAE sae")
+    assert lines[1].startswith("512 tokens (496 scored) in 16 blocks of 32")
+    assert lines[2].split()[:4] == ["condition", "bits", "PPL", "dPPL"]
+    assert [ln.split()[0] for ln in lines[4:7]] == ["fp", "int8", "int4"]
+    assert str(out) in proc.stdout and "Loading weights" not in proc.stderr
 
 
 # ---- errors: one line on stderr, exit 2, no traceback, no results folder ----------------------------

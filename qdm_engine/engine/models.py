@@ -171,17 +171,29 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+@contextmanager
+def hf_progress_bars(enabled: bool):
+    """transformers' own progress bars on or off for a block (ours say what is loading)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+
+
 def load_model(
     model: str | None = None,
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     trust_remote_code: bool = False,
-    progress: bool = True,
+    progress: bool = False,
 ):
     """(model, tokenizer, identity) for a hub id, a local folder, or a GGUF file (dequantized by transformers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     if model is None and gguf_file is None:
         raise QdmError("no model given: pass --model PATH_OR_HUB_ID or --gguf-file FILE")
@@ -201,20 +213,15 @@ def load_model(
             raise QdmError(f"model path '{model}' does not exist; pass a model folder or a hub id")
         source = str(p)
     t0 = time.perf_counter()
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
     try:
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        with hf_progress_bars(progress):
+            tok = AutoTokenizer.from_pretrained(source, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise QdmError(
             f"could not load model '{model or gguf_file}': {_first_line(exc)} "
             "(check the path or hub id; hub ids need the network or a local HF cache)"
         ) from exc
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
     lm = lm.to(device).eval().requires_grad_(False)
     identity = {
         "source": model if gguf_file is None else f"{model or source}::{kwargs['gguf_file']}",
