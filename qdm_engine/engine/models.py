@@ -45,7 +45,7 @@ FAMILIES: dict[str, Family] = {
 }
 SUPPORTED_FAMILIES = ", ".join(sorted(FAMILIES))
 
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 
 def model_family(model: torch.nn.Module) -> str:
@@ -63,18 +63,23 @@ def family_of(model: torch.nn.Module) -> Family:
     return fam
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder-layer list: from the family map, else the ModuleList as long as config.num_hidden_layers."""
+def decoder_layers_path(model: torch.nn.Module) -> str:
+    """Module path of the decoder-layer list: from the family map, else the ModuleList as long as
+    config.num_hidden_layers (`model.layers`, `gpt_neox.layers`, `transformer.h`, ...)."""
     fam = FAMILIES.get(model_family(model))
     if fam is not None:
-        return model.get_submodule(fam.layers)
+        return fam.layers
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for _, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
-            return mod
+    for name, mod in model.named_modules():
+        if name and isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
+            return name
     raise QdmError(
         f"cannot find the decoder layers of model family '{model_family(model)}'; supported: {SUPPORTED_FAMILIES}"
     )
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.get_submodule(decoder_layers_path(model))
 
 
 def valid_hooks(n_layers: int) -> str:
@@ -83,7 +88,7 @@ def valid_hooks(n_layers: int) -> str:
 
 def parse_hook(hook: str, n_layers: int) -> tuple[int, str]:
     """(layer, 'pre'|'post') for a TransformerLens residual hook name, or a QdmError listing valid ones."""
-    m = _HOOK_RE.match(hook or "")
+    m = HOOK_RE.match(hook or "")
     if m is None or int(m.group(1)) >= n_layers:
         raise QdmError(f"hook '{hook}' does not exist in this model; valid hooks: {valid_hooks(n_layers)}")
     return int(m.group(1)), m.group(2)

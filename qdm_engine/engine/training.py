@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -25,6 +24,9 @@ from typing import Any
 
 import torch
 
+from qdm_engine.engine.models import HOOK_RE, StopForward, decoder_layers_path, stop_after
+from qdm_engine.engine.perplexity import nll_sum
+from qdm_engine.engine.tokens import read_text
 from qdm_engine.errors import QdmError
 
 _DATA = Path(__file__).resolve().parent.parent / "data"
@@ -32,7 +34,6 @@ SHARED_WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "wik
 DEFAULT_TRAIN_TEXT = SHARED_WIKITEXT / "wiki.train.raw.prefix-1MB.nonblank.txt"
 DEFAULT_EVAL_TEXT = SHARED_WIKITEXT / "wiki.valid.raw.prefix-100KB.nonblank.txt"
 
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 
 
 def _log(progress: bool, message: str) -> None:
@@ -42,21 +43,12 @@ def _log(progress: bool, message: str) -> None:
 
 def parse_resid_post_hook(hook: str) -> int:
     """Layer index of a `blocks.L.hook_resid_post` name; the only read-out site training supports."""
-    match = _HOOK_RE.match(hook)
-    if match is None:
+    match = HOOK_RE.match(hook or "")
+    if match is None or match.group(2) != "post":
         raise QdmError(
             f"unsupported hook {hook!r}: train-sae reads the residual stream, give blocks.L.hook_resid_post"
         )
     return int(match.group(1))
-
-
-def decoder_layers_path(model: torch.nn.Module) -> str:
-    """Module path of the decoder-layer list of an HF causal LM (`model.layers`, `gpt_neox.layers`, ...)."""
-    n_layers = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and name:
-            return name
-    raise QdmError(f"cannot find the decoder layers of {type(model).__name__}; use a standard HF causal LM")
 
 
 def hf_hook_name(model: torch.nn.Module, hook: str) -> str:
@@ -70,13 +62,7 @@ def hf_hook_name(model: torch.nn.Module, hook: str) -> str:
 
 def read_text_lines(path: str | os.PathLike[str]) -> list[str]:
     """Non-blank lines of a UTF-8 text file, as the audit reads WikiText."""
-    path = Path(path)
-    if not path.is_file():
-        raise QdmError(f"text file not found: {path}; give an existing UTF-8 text file")
-    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    if not lines:
-        raise QdmError(f"text file {path} has no non-blank lines; give a file with text in it")
-    return lines
+    return read_text(path).split("\n")
 
 
 def text_dataset(path: str | os.PathLike[str], lines_per_row: int = 64) -> Any:
@@ -478,7 +464,7 @@ def evaluate_sae(
             if want_ce:
                 logits = model(batch).logits
             else:
-                _run_to_layer(model, batch, module)
+                _run_to_layer(model, batch, hook)
         finally:
             handle.remove()
         x = hook_fn.captured[:, 1:].reshape(-1, sae.cfg.d_in).float()
@@ -494,11 +480,11 @@ def evaluate_sae(
         if want_ce:
             take = batch[: max(0, min(len(batch), n_ce_blocks - i))]
             logits = logits[: len(take)]
-            ce["clean"] += _nll_sum(logits, take)
+            ce["clean"] += nll_sum(logits, take)[0]
             for name, fn in (("spliced", reconstruct), ("zero", torch.zeros_like)):
                 handle = module.register_forward_hook(_Splice(fn))
                 try:
-                    ce[name] += _nll_sum(model(take).logits, take)
+                    ce[name] += nll_sum(model(take).logits, take)[0]
                 finally:
                     handle.remove()
             n_ce += take[:, 1:].numel()
@@ -526,30 +512,13 @@ def evaluate_sae(
     }
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _run_to_layer(model: Any, batch: torch.Tensor, module: torch.nn.Module) -> None:
-    """Run the model until `module` has produced its output, then stop (hooks on it still fire first)."""
-
-    def stop(_m: Any, _a: Any, _o: Any) -> None:
-        raise _StopForward
-
-    handle = module.register_forward_hook(stop)
-    try:
-        model(batch)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-
-
-def _nll_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Summed next-token NLL over targets 1..T-1 (the BOS position is never a target)."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1), reduction="sum"
-    ).item()
+def _run_to_layer(model: Any, batch: torch.Tensor, hook: str) -> None:
+    """Run the model until the layer of `hook` has produced its output (hooks on it still fire first)."""
+    with stop_after(model, [hook]):
+        try:
+            model(batch)
+        except StopForward:
+            pass
 
 
 @torch.no_grad()
@@ -566,7 +535,7 @@ def weights_roundtrip_error(
     grab = _Splice(None)
     handle = module.register_forward_hook(grab)
     try:
-        _run_to_layer(model, blocks, module)
+        _run_to_layer(model, blocks, hook)
     finally:
         handle.remove()
     x = grab.captured[:, 1:].reshape(-1, shipped.cfg.d_in).float()

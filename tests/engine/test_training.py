@@ -65,7 +65,7 @@ def test_bad_inputs_messages(tiny_llama, text_file, tmp_path):
         train_sae(model=tiny_llama, text=text_file, out=full, progress=False)
     with pytest.raises(QdmError, match="no config.json"):
         train_sae(model=tmp_path, hook="blocks.1.hook_resid_post", text=text_file, out=tmp_path / "o", progress=False)
-    with pytest.raises(QdmError, match="text file not found"):
+    with pytest.raises(QdmError, match="text file .* does not exist"):
         train_sae(model=tiny_llama, hook="blocks.1.hook_resid_post", text=tmp_path / "missing.txt",
                   out=tmp_path / "o2", progress=False)
     with pytest.raises(QdmError, match="not both"):
