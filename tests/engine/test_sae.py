@@ -62,3 +62,21 @@ def test_bad_sae_inputs(tmp_path):
     (path / "cfg.json").write_text("{not json")
     with pytest.raises(QdmError, match="not valid JSON"):
         load_sae(path)
+
+
+def test_engine_runs_where_sae_lens_is_absent(tiny_sae, tmp_path):
+    """The GPU image has no SAELens: the engine, kernels and benchmarks must not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['sae_lens'] = None\n"  # any 'import sae_lens' now raises ImportError
+        "import qdm_engine.audit, qdm_engine.engine.runner, qdm_engine.kernels.encode_moments\n"
+        "from qdm_engine.engine import sae\n"
+        "sae._sae_lens_available = lambda: False\n"
+        f"w = sae.load_sae({str(tiny_sae)!r})\n"
+        "print(w.architecture, w.d_in, w.d_sae, 'sae_lens' in sys.modules and sys.modules['sae_lens'] is not None)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["standard", "32", "128", "False"]
