@@ -211,7 +211,7 @@ def _add_stability(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the subset draws")
     for flag, kw in (("--model", {}), ("--gguf-file", {}), ("--sae", {}), ("--hook", {}), ("--text", {}),
                      ("--device", {}), ("--out", {"help": "folder for config.json and summary.csv (optional)"})):
-        p.add_argument(flag, **{"help": f"as in sweep", **kw})
+        p.add_argument(flag, **{"help": "as in sweep", **kw})
     p.add_argument("--block-len", type=_positive_int, default=128, help="positions per block")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="blocks per forward (the subset unit)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="as in sweep")

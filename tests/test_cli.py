@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qdm_testing import build_sae, build_tiny_model
+from qdm_testing import build_sae
 from qdm_engine.analysis.results import FEATURE_COLUMNS, list_conditions, load_features
 from qdm_engine.cli import main
 

@@ -102,18 +102,15 @@ def weights_from_state(cfg: dict, state: dict[str, torch.Tensor], identity: dict
     return SAEWeights(W_enc, b_enc, b_dec, arch, hook, threshold, k, norm, dict(identity or {}))
 
 
-def _read_disk_folder(path: Path) -> tuple[dict, dict]:
-    """The SAELens disk format without SAELens: cfg.json and sae_weights.safetensors."""
-    from safetensors.torch import load_file
-
+def _read_disk_cfg(path: Path) -> dict:
+    """cfg.json of a SAELens-format folder, after checking both of its files are there."""
     cfg_file, w_file = path / "cfg.json", path / "sae_weights.safetensors"
     if not cfg_file.is_file() or not w_file.is_file():
         raise QdmError(f"SAE folder '{path}' must contain cfg.json and sae_weights.safetensors")
     try:
-        cfg = json.loads(cfg_file.read_text())
+        return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise QdmError(f"SAE config '{cfg_file}' is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    return cfg, load_file(str(w_file))
 
 
 def _sae_lens_available() -> bool:
@@ -129,8 +126,8 @@ def load_sae(spec: str | Path, device: str = "cpu") -> SAEWeights:
         if not path.is_dir():
             raise QdmError(f"--sae '{spec}' is a file; pass the SAE folder (cfg.json + sae_weights.safetensors)")
         identity = {"source": str(path.resolve()), "loader": "sae_lens.SAE.load_from_disk"}
+        cfg = _read_disk_cfg(path)  # the same checks and messages with or without SAELens
         if _sae_lens_available():
-            cfg, _ = _read_disk_folder(path)  # same checks and messages on both paths
             from sae_lens import SAE
 
             try:
@@ -140,8 +137,10 @@ def load_sae(spec: str | Path, device: str = "cpu") -> SAEWeights:
             cfg = sae.cfg.to_dict()
             state = sae.state_dict()
         else:
+            from safetensors.torch import load_file
+
             identity["loader"] = "qdm_engine disk reader (sae_lens not installed)"
-            cfg, state = _read_disk_folder(path)
+            state = load_file(str(path / "sae_weights.safetensors"))
     elif ":" in str(spec) and not str(spec).startswith(("/", ".", "~")):
         release, sae_id = str(spec).split(":", 1)
         if not _sae_lens_available():
@@ -156,8 +155,6 @@ def load_sae(spec: str | Path, device: str = "cpu") -> SAEWeights:
         cfg, state = sae.cfg.to_dict(), sae.state_dict()
     else:
         raise QdmError(f"SAE '{spec}' does not exist; pass a SAELens-format folder or release:sae_id")
-    if isinstance(cfg.get("metadata"), dict) is False and hasattr(cfg.get("metadata"), "hook_name"):
-        cfg["metadata"] = {"hook_name": cfg["metadata"].hook_name}
     weights = weights_from_state(cfg, state, identity)
     weights.identity.update(architecture=weights.architecture, d_in=weights.d_in, d_sae=weights.d_sae,
                             hook_name=weights.hook_name, k=weights.k, normalize=weights.normalize)

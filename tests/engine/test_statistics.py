@@ -1,7 +1,6 @@
 """Streaming statistics: the accumulators against scipy on materialised activations, and the FP-vs-FP null."""
 
 import numpy as np
-import pytest
 import torch
 from scipy import stats
 
