@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
+def nll_sum_tensor(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL for logits [B, S, V] and ids [B, S], as a 0-d float64 tensor on the logits'
+    device: nothing is read back, so on a GPU the caller keeps queueing work (the run loop reads the sum
+    once per condition). Blocks are upcast to float32 one at a time, keeping the copy small."""
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for b in range(logits.shape[0]):
+        lp = logits[b, :-1].to(torch.float32)
+        total += F.cross_entropy(lp, ids[b, 1:].to(lp.device), reduction="sum").to(torch.float64)
+    return total
+
+
 def nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """(sum of next-token NLL, number of targets) for logits [B, S, V] and ids [B, S]."""
-    total = 0.0
-    for b in range(logits.shape[0]):  # one block at a time keeps the float32 upcast small
-        lp = logits[b, :-1].to(torch.float32)
-        total += float(F.cross_entropy(lp, ids[b, 1:].to(lp.device), reduction="sum").to(torch.float64))
-    return total, int(logits.shape[0] * (logits.shape[1] - 1))
+    return float(nll_sum_tensor(logits, ids)), int(logits.shape[0] * (logits.shape[1] - 1))
 
 
 def perplexity(nll: float, n_targets: int) -> float:

@@ -12,7 +12,7 @@ N-th block and the moments are merged across ranks at the end of each condition.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from qdm_engine.engine.compression import FP, FPWeights
 from qdm_engine.engine.distributed import Shard
 from qdm_engine.engine.models import StopForward, read_out, stop_after
-from qdm_engine.engine.perplexity import nll_sum
+from qdm_engine.engine.perplexity import nll_sum_tensor
 from qdm_engine.engine.sae import SAEWeights
 from qdm_engine.engine.tokens import TokenBlocks
 from qdm_engine.kernels.encode_moments import encode_moments
@@ -65,10 +65,58 @@ def _cache_device(blocks: TokenBlocks, d_model: int, n_sites: int, item: int, de
     return device if need < free // 2 else "cpu"
 
 
-def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard):
+class _Batch:
+    """One batch of blocks: token ids (pinned host memory on CUDA) and the flat indices of its scored
+    positions, computed on the host so that selecting them on the device never waits for the GPU."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor):
+        self.ids, self.mask = ids, mask
+
+    def rows(self, lo: int, hi: int) -> "_Batch":
+        return _Batch(self.ids[lo:hi], self.mask[lo:hi])
+
+    def scored_index(self) -> torch.Tensor:
+        return self.mask.flatten().nonzero().squeeze(1)
+
+
+def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard, pin: bool) -> list[_Batch]:
     ids, mask = blocks.ids[shard.rank::shard.world], blocks.score_mask[shard.rank::shard.world]
-    for lo in range(0, ids.shape[0], batch_size):
-        yield ids[lo:lo + batch_size], mask[lo:lo + batch_size]
+    if pin:
+        ids = ids.contiguous().pin_memory()
+    return [_Batch(ids[lo:lo + batch_size], mask[lo:lo + batch_size]) for lo in range(0, ids.shape[0], batch_size)]
+
+
+class _EncodeStream:
+    """Where the encode + moments work of a batch runs.
+
+    On CUDA (with `overlap`) it is a second stream: the read-outs of batch i are encoded there while the
+    default stream already runs the forward of batch i + 1, and the copy of batch i's cached FP read-outs
+    from pinned host memory rides on it too, overlapping the forward. Ordering: before each batch's
+    encode the side stream waits for everything queued so far on the default stream (the read-outs it is
+    about to read); tensors made on the default stream and read on the side are marked with
+    `record_stream`, so the caching allocator does not hand their memory to the next forward while the
+    encode still reads it; at the end of a condition the default stream waits for the side stream.
+    Elsewhere (CPU, or overlap off) it is the current stream and every method is a no-op.
+    """
+
+    def __init__(self, device: str, overlap: bool):
+        self.stream = None
+        if overlap and str(device).startswith("cuda"):
+            self.main = torch.cuda.current_stream(torch.device(device))
+            self.stream = torch.cuda.Stream(device=torch.device(device))
+
+    def enter(self, *made_on_main: torch.Tensor):
+        """Context for one batch's encode work; `made_on_main` are the default-stream tensors it reads."""
+        if self.stream is None:
+            return nullcontext()
+        self.stream.wait_stream(self.main)
+        for t in made_on_main:
+            t.record_stream(self.stream)
+        return torch.cuda.stream(self.stream)
+
+    def join(self) -> None:
+        if self.stream is not None:
+            self.main.wait_stream(self.stream)
 
 
 def run_conditions(
@@ -83,47 +131,58 @@ def run_conditions(
     ppl: bool = True,
     shard: Shard = Shard(),
     keep_batches: bool = False,
+    overlap: bool = True,
 ) -> list[ConditionRun]:
     """Run FP then every condition over the same blocks; one ConditionRun per row, FP first.
 
     `saes[i]` is read at `hooks[i]`. An `FP()` among `conditions` is the FP-vs-FP null: the FP model is
     run again like any condition. With `ppl=False` each forward stops after the deepest read-out layer.
     `keep_batches` also keeps each batch's moments (for token-subset stability; one process only).
+    `overlap` (CUDA only) encodes each batch on a second stream while the next forward runs; the
+    results are the same either way. Within a condition nothing is read back to the host (NLL sums and
+    moments stay on the device until its end), so the host keeps the GPU's queue full.
     """
     if keep_batches and shard.world > 1:
         raise ValueError("keep_batches needs a single process")
     sites = sorted(set(hooks))
-    n_batches = -(-len(range(shard.rank, blocks.n_blocks, shard.world)) // batch_size)
-    bar = tqdm(total=n_batches * (1 + len(conditions)), unit="batch", dynamic_ncols=True,
+    on_cuda = str(device).startswith("cuda")
+    batches = _batches(blocks, batch_size, shard, pin=on_cuda)
+    bar = tqdm(total=len(batches) * (1 + len(conditions)), unit="batch", dynamic_ncols=True,
                disable=not (progress and shard.is_main))
 
     split = {"rows": None}  # after an out-of-memory error: the most blocks one forward may take
+    no_nll = torch.zeros((), dtype=torch.float64, device=device)
 
-    def forward_once(ids, mask):
+    def forward_once(batch: _Batch):
+        ids = batch.ids.to(device, non_blocking=True)
+        keep = batch.scored_index().to(device, non_blocking=True)
         try:
-            logits = model(input_ids=ids.to(device), use_cache=False).logits
+            logits = model(input_ids=ids, use_cache=False).logits
         except StopForward:
             logits = None
-        keep = mask.flatten().to(device)
-        xs = {h: ro[h].value.reshape(-1, ro[h].value.shape[-1])[keep] for h in sites}
-        return xs, *(nll_sum(logits, ids) if logits is not None else (0.0, 0))
+        xs = {h: ro[h].value.reshape(-1, ro[h].value.shape[-1]).index_select(0, keep) for h in sites}
+        if logits is None:
+            return xs, no_nll, 0
+        return xs, nll_sum_tensor(logits, ids), ids.shape[0] * (ids.shape[1] - 1)
 
-    def forward(ids, mask):
-        """Read-outs of the scored positions at each site, and the batch's NLL sum and target count.
+    def forward(batch: _Batch):
+        """Read-outs of the scored positions at each site, and the batch's NLL sum (a device tensor) and
+        target count.
 
         On CUDA out-of-memory the batch is retried in halves (and later batches are split the same way),
         so the results are those of the whole batch.
         """
-        rows = split["rows"] or ids.shape[0]
+        n_rows = batch.ids.shape[0]
+        rows = split["rows"] or n_rows
         try:
-            parts = [forward_once(ids[i:i + rows], mask[i:i + rows]) for i in range(0, ids.shape[0], rows)]
+            parts = [forward_once(batch.rows(i, i + rows)) for i in range(0, n_rows, rows)]
         except torch.OutOfMemoryError:
             if rows == 1:
                 raise
             split["rows"] = (rows + 1) // 2
-            if str(device).startswith("cuda"):
+            if on_cuda:
                 torch.cuda.empty_cache()
-            return forward(ids, mask)
+            return forward(batch)
         if len(parts) == 1:
             return parts[0]
         xs = {h: torch.cat([p[0][h] for p in parts]) for h in sites}
@@ -133,46 +192,58 @@ def run_conditions(
     cache: list[dict[str, torch.Tensor]] = []  # FP read-outs per batch, on the GPU or in pinned host memory
     emb = model.get_input_embeddings().weight
     cache_on = _cache_device(blocks, emb.shape[1], len(sites), emb.element_size(), device)
-    to_cache = (lambda x: x) if cache_on == device else (lambda x: x.to("cpu").pin_memory())
+
+    def to_cache(x: torch.Tensor) -> torch.Tensor:
+        if cache_on == device:
+            return x
+        if not on_cuda:
+            return x.to("cpu")
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return host.copy_(x, non_blocking=True)  # the side stream reads it only after the FP pass's queue
+
     from_cache = (lambda x: x) if cache_on == device else (lambda x: x.to(device, non_blocking=True))
+    side = _EncodeStream(device, overlap)
     with torch.inference_mode(), ExitStack() as stack:
         ro = {h: stack.enter_context(read_out(model, h)) for h in sites}
         if not ppl:
             stack.enter_context(stop_after(model, sites))
         bar.set_description("fp")
-        t0, nll, n = time.perf_counter(), 0.0, 0
-        for ids, mask in _batches(blocks, batch_size, shard):
-            xs, b_nll, b_n = forward(ids, mask)
+        t0, nll, n = time.perf_counter(), no_nll.clone(), 0
+        for batch in batches:
+            xs, b_nll, b_n = forward(batch)
             cache.append({h: to_cache(x) for h, x in xs.items()})
             nll, n = nll + b_nll, n + b_n
             bar.update()
-        nll, n = shard.sum(nll, n)
+        nll, n = shard.sum(float(nll), n)
         runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0))
 
         saved = FPWeights(model) if any(not isinstance(c, FP) for c in conditions) else None
         for cond in conditions:
             bar.set_description(cond.name)
-            t0, nll, n = time.perf_counter(), 0.0, 0
-            accs = [FeatureMoments.zeros(s.d_sae, device=device) for s in saes]
+            t0, nll, n = time.perf_counter(), no_nll.clone(), 0
+            with side.enter():
+                accs = [FeatureMoments.zeros(s.d_sae, device=device) for s in saes]
             kept: list[list[FeatureMoments]] = [[] for _ in saes]
             cond.apply(model)
             try:
-                for (ids, mask), cached in zip(_batches(blocks, batch_size, shard), cache):
-                    fp_xs = {h: from_cache(x) for h, x in cached.items()}
-                    xs, b_nll, b_n = forward(ids, mask)
-                    for i, (sae, hook) in enumerate(zip(saes, hooks)):
-                        prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
-                        m = encode_moments(prep(fp_xs[hook]), prep(xs[hook]), sae.W_enc, sae.b_enc, sae.b_dec,
-                                           sae.threshold, sae.k)
-                        accs[i] = accs[i].merge(m)
-                        if keep_batches:
-                            kept[i].append(m.to("cpu"))
+                for batch, cached in zip(batches, cache):
+                    xs, b_nll, b_n = forward(batch)
+                    with side.enter(*xs.values()):
+                        fp_xs = {h: from_cache(x) for h, x in cached.items()}
+                        for i, (sae, hook) in enumerate(zip(saes, hooks)):
+                            prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
+                            m = encode_moments(prep(fp_xs[hook]), prep(xs[hook]), sae.W_enc, sae.b_enc,
+                                               sae.b_dec, sae.threshold, sae.k)
+                            accs[i] = accs[i].merge(m)
+                            if keep_batches:
+                                kept[i].append(m.to("cpu"))
                     nll, n = nll + b_nll, n + b_n
                     bar.update()
+                side.join()
             finally:
-                if saved is not None:
+                if saved is not None:  # queued on the default stream after this condition's forwards
                     saved.restore()
-            nll, n = shard.sum(nll, n)
+            nll, n = shard.sum(float(nll), n)
             runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0,
                                      [shard.merge(a) for a in accs], kept if keep_batches else []))
     bar.close()

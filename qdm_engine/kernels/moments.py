@@ -69,20 +69,22 @@ class FeatureMoments:
         return out
 
     def merge(self, other: "FeatureMoments") -> "FeatureMoments":
-        """Statistics of the union of both position sets (Chan et al.'s pairwise update)."""
+        """Statistics of the union of both position sets (Chan et al.'s pairwise update).
+
+        Branch-free on the counts (an empty side is selected on the device, never read back), so a
+        merge never waits for the GPU: the run loop can keep queueing work while earlier batches finish.
+        An empty side returns the other side's values exactly.
+        """
         na, nb = self.n, other.n
         n = na + nb
-        if float(nb) == 0:
-            return self.clone()
-        if float(na) == 0:
-            return other.clone()
+        frac = nb / n.clamp_min(1)  # nb / (na + nb); 0 when both are empty
+        w = na * frac
         dx = other.mean_x - self.mean_x
         dy = other.mean_y - self.mean_y
-        w = na * nb / n
-        return FeatureMoments(
+        merged = FeatureMoments(
             n=n,
-            mean_x=self.mean_x + dx * (nb / n),
-            mean_y=self.mean_y + dy * (nb / n),
+            mean_x=self.mean_x + dx * frac,
+            mean_y=self.mean_y + dy * frac,
             m2x=self.m2x + other.m2x + dx * dx * w,
             m2y=self.m2y + other.m2y + dy * dy * w,
             cxy=self.cxy + other.cxy + dx * dy * w,
@@ -90,6 +92,12 @@ class FeatureMoments:
             fires_y=self.fires_y + other.fires_y,
             max_x=torch.maximum(self.max_x, other.max_x),
         )
+        a_empty, b_empty = na == 0, nb == 0
+        return FeatureMoments(**{
+            f.name: torch.where(b_empty, getattr(self, f.name), torch.where(a_empty, getattr(other, f.name),
+                                                                            getattr(merged, f.name)))
+            for f in fields(self)
+        })
 
     @staticmethod
     def merge_all(parts) -> "FeatureMoments":
@@ -99,6 +107,37 @@ class FeatureMoments:
         for p in parts[1:]:
             total = total.merge(p)
         return total
+
+    @classmethod
+    def combine(cls, packed: torch.Tensor) -> "FeatureMoments":
+        """Merge G packed moments [G, 9, F] (see `pack`) in one vectorised step.
+
+        With N = sum n_g and the pooled mean m = sum n_g m_g / N, the centred sums add up as
+        M2 = sum M2_g + sum n_g (m_g - m)^2 (and likewise the cross term): exact algebra, evaluated on
+        deviations from the pooled mean, so it keeps the accuracy of the pairwise merge. It costs a
+        fixed handful of kernels however many groups there are (a left fold costs G merges), and is
+        deterministic (fixed-order reductions, no atomics). Empty groups (n_g = 0) contribute nothing.
+        """
+        if packed.dim() != 3 or packed.shape[1] != 9 or packed.shape[0] < 1:
+            raise ValueError(f"expected packed moments [G, 9, F], got {tuple(packed.shape)}")
+        n_g, mx_g, my_g, m2x_g, m2y_g, cxy_g, fx_g, fy_g, max_g = packed.unbind(1)
+        n = n_g.sum(0)
+        inv = 1.0 / n.clamp_min(1)
+        mean_x = (n_g * mx_g).sum(0) * inv
+        mean_y = (n_g * my_g).sum(0) * inv
+        dx, dy = mx_g - mean_x, my_g - mean_y
+        n_feat = packed.shape[2]
+        return cls(
+            n=n[0].clone() if n_feat else packed.new_zeros(()),
+            mean_x=mean_x,
+            mean_y=mean_y,
+            m2x=m2x_g.sum(0) + (n_g * dx * dx).sum(0),
+            m2y=m2y_g.sum(0) + (n_g * dy * dy).sum(0),
+            cxy=cxy_g.sum(0) + (n_g * dx * dy).sum(0),
+            fires_x=fx_g.sum(0),
+            fires_y=fy_g.sum(0),
+            max_x=max_g.amax(0),
+        )
 
     def clone(self) -> "FeatureMoments":
         return FeatureMoments(**{f.name: getattr(self, f.name).clone() for f in fields(self)})

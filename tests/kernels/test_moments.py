@@ -115,3 +115,42 @@ def test_unpack_of_zero_features_and_bad_shapes():
     assert back.n_features == 0 and float(back.n) == 0
     with pytest.raises(ValueError, match="two"):
         FeatureMoments.from_activations(torch.zeros(3, 2), torch.zeros(3, 4))
+
+
+def test_combine_matches_numpy_and_the_pairwise_fold():
+    """The vectorised G-way merge (used for the fused kernel's per-group partials) against float64
+    numpy on the concatenated data and against the left fold of pairwise merges; empty groups add nothing."""
+    fx, fy = _data(5)
+    cuts = [0, 0, 7, 7, 130, 131, 300, 400, 400]  # includes empty groups, first and last
+    parts = [FeatureMoments.from_activations(fx[a:b], fy[a:b]) for a, b in zip(cuts, cuts[1:])]
+    combined = FeatureMoments.combine(torch.stack([p.pack() for p in parts]))
+    _close(combined, FeatureMoments.merge_all(parts), rtol=1e-11)
+    r_ref = _numpy_r(fx.numpy(), fy.numpy())
+    r = combined.pearson().numpy()
+    np.testing.assert_array_equal(np.isnan(r), np.isnan(r_ref))
+    np.testing.assert_allclose(r[3:], r_ref[3:], rtol=0, atol=1e-13)
+    np.testing.assert_allclose(r[:2], r_ref[:2], rtol=0, atol=1e-8)
+    np.testing.assert_allclose(combined.m2x.numpy()[1:], ((fx - fx.mean(0)) ** 2).sum(0).numpy()[1:], rtol=1e-12)
+    assert float(combined.n) == 400
+    single = FeatureMoments.combine(parts[2].pack()[None])
+    assert torch.equal(single.pack(), parts[2].pack())
+    empty = FeatureMoments.combine(torch.stack([FeatureMoments.zeros(4).pack()] * 3))
+    assert float(empty.n) == 0 and torch.all(empty.max_x == float("-inf")) and not torch.any(empty.m2x)
+    poisoned = torch.stack([p.pack() for p in parts])
+    poisoned[3, 4, 5] = float("nan")  # one unwritten slot of one group shows up in that feature
+    bad = FeatureMoments.combine(poisoned)
+    assert torch.isnan(bad.m2y[5]) and not torch.isnan(bad.m2y[6])
+    with pytest.raises(ValueError, match="packed moments"):
+        FeatureMoments.combine(torch.zeros(3, 8, 4, dtype=torch.float64))
+
+
+def test_merging_never_reads_a_value_back_to_the_host():
+    """Merges run on the 'meta' device, where any read of a value (float(), .item(), a data-dependent
+    branch) raises: on a GPU they only queue kernels, so the run loop never waits for the device."""
+    fx, fy = _data(6, n=20, f=4)
+    m = FeatureMoments.from_activations(fx, fy).to("meta")
+    acc = FeatureMoments.zeros(4, device="meta").merge(m).merge(m)
+    assert acc.mean_x.device.type == "meta"
+    with pytest.raises(Exception):
+        float(acc.n)  # the check itself can fail: meta tensors hold no values
+    FeatureMoments.combine(torch.stack([m.pack(), m.pack()]))
