@@ -11,8 +11,11 @@ Shapes: `--shape pythia-70m|gemma-2-2b` builds a random-weight model from bench/
 (speed does not depend on the values) with a random SAE of the configured width; `--default` uses the
 embedded default model and its shipped SAE on the bundled text. Reported: sweep seconds, seconds per
 condition, audited tokens/s, the forward-FLOP floor (forward FLOPs of FP + every condition over the
-matmul rate measured in the same run), the ratio to it, peak memory, and max |r_naive - r_engine|.
-Rows are appended to bench/results/e2e.csv with the device name.
+matmul rate measured in the same run), the ratio to it, peak memory inside each pipeline's run, and max |r_naive - r_engine|.
+On CUDA the engine also runs with its second stream turned off (`engine-serial`), which measures what
+overlapping each batch's encode with the next forward buys. Every pipeline first runs one short warm-up
+sweep (Triton autotuning and compilation, cuBLAS handles) that is not timed. Rows are appended to
+bench/results/e2e.csv with the device name.
 
     python bench/e2e.py --shape pythia-70m --tokens 200000 --bits 8..4          # GPU
     python bench/e2e.py --shape gemma-2-2b --tokens 500000 --bits 8..4          # GPU
@@ -28,9 +31,9 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qdm_engine.engine.compression import RTN, parse_bits  # noqa: E402
 from qdm_engine.engine.models import decoder_layers, read_out  # noqa: E402
 from qdm_engine.engine.perplexity import nll_sum  # noqa: E402
-from qdm_engine.engine.runner import run_conditions  # noqa: E402
+from qdm_engine.engine.runner import auto_batch_size, run_conditions  # noqa: E402
 from qdm_engine.engine.sae import SAEWeights  # noqa: E402
 from qdm_engine.engine.tokens import TokenBlocks  # noqa: E402
 
@@ -117,10 +120,57 @@ def naive_sweep(model, sae: SAEWeights, hook: str, blocks: TokenBlocks, conditio
     return rs
 
 
-def peak_memory(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
+class PeakMemory:
+    """Peak memory inside a `with` region, in GiB: CUDA's allocator peak on a GPU; on CPU the largest
+    resident set size sampled every 10 ms from /proc (the process-lifetime ru_maxrss would carry one
+    pipeline's peak into the next one's figure)."""
+
+    def __init__(self, device: str):
+        self.cuda, self.peak, self._stop = device.startswith("cuda"), 0.0, threading.Event()
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows to a CSV; when they bring new columns, the file is rewritten with the union of the
+    headers (older rows get empty cells) through a temporary file, so no row is ever lost."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old_rows, header = [], []
+    if path.exists():
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            header, old_rows = list(reader.fieldnames or []), list(reader)
+    fields = header + [k for k in rows[0] if k not in header]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(old_rows + rows)
+    tmp.replace(path)
 
 
 def main() -> int:
@@ -130,9 +180,18 @@ def main() -> int:
     src.add_argument("--default", action="store_true", help="the embedded default model and SAE")
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--bits", default="8..4")
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="blocks per forward for the engine (default: the sweep's own choice, auto_batch_size, "
+                         "on CUDA; 1,024 tokens' worth on CPU)")
+    ap.add_argument("--naive-batch-size", type=int, default=None,
+                    help="blocks per forward for the naive pipeline (default: 8,192 tokens' worth on CUDA, as a "
+                         "hand-written script would pick; its host float64 copies grow with it; the engine's on CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--naive-tokens", type=int, default=None,
+                    help="run the naive pipeline on only the first N tokens (default: all): at GPU scale it runs "
+                         "for many minutes; its tokens/s is what is compared, and max|dr| is then taken against an "
+                         "untimed engine run on the same N tokens")
     ap.add_argument("--csv", type=Path, default=CSV)
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args()
@@ -169,58 +228,78 @@ def main() -> int:
         mask = torch.ones_like(ids, dtype=torch.bool)
         mask[:, 0] = False
         blocks = TokenBlocks(ids, mask, cfg.bos_token_id, ids.numel())
-    batch = args.batch_size or max(1, (8192 if device.startswith("cuda") else 1024) // block_len)
+    on_cuda = device.startswith("cuda")
+    batch = args.batch_size or (auto_batch_size(model, block_len, device) if on_cuda else max(1, 1024 // block_len))
+    naive_batch = args.naive_batch_size or (max(1, 8192 // block_len) if on_cuda else batch)
     tokens = blocks.n_blocks * blocks.block_len
     rate = matmul_rate(device, dtype)
     floor = (1 + len(conditions)) * tokens * forward_flops_per_token(model, block_len) / rate
-    print(f"{name}: {tokens} tokens, {len(conditions)} conditions, batch {batch}, {device} {dtype}; "
-          f"matmul {rate / 1e12:.2f} TFLOP/s, forward-FLOP floor {floor:.2f} s")
+    param_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30
+    cache_gib = blocks.scored_positions * model.config.hidden_size * model.get_input_embeddings().weight.element_size() / 2 ** 30
+    print(f"{name}: {tokens} tokens, {len(conditions)} conditions, batch {batch} blocks (naive {naive_batch}), {device} {dtype}; "
+          f"matmul {rate / 1e12:.2f} TFLOP/s, forward-FLOP floor {floor:.2f} s; "
+          f"model {param_gib:.2f} GiB, FP read-out cache {cache_gib:.2f} GiB")
 
-    results = {}
+    def first(n: int) -> TokenBlocks:  # a short warm-up slice
+        return TokenBlocks(blocks.ids[:n], blocks.score_mask[:n], blocks.bos_id, n * block_len)
+
+    pipelines = {"engine": dict(overlap=True)}
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    t = time.perf_counter()
-    runs = run_conditions(model, [sae], [hook], blocks, conditions, batch, device, progress=False)
-    sync(device)
-    results["engine"] = (time.perf_counter() - t, peak_memory(device), {r.name: r.moments[0].pearson().cpu().numpy() for r in runs[1:]})
-    if not args.skip_naive:
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        r_naive = naive_sweep(model, sae, hook, blocks, conditions, batch, device)
+        pipelines["engine-serial"] = dict(overlap=False)
+    results = {}
+    for pipe, opts in pipelines.items():
+        run_conditions(model, [sae], [hook], first(batch), conditions[:1], batch, device, progress=False, **opts)
         sync(device)
-        results["naive"] = (time.perf_counter() - t, peak_memory(device), r_naive)
+        with PeakMemory(device) as mem:
+            t = time.perf_counter()
+            runs = run_conditions(model, [sae], [hook], blocks, conditions, batch, device, progress=False, **opts)
+            sync(device)
+            secs = time.perf_counter() - t
+        results[pipe] = (secs, mem.peak, {r.name: r.moments[0].pearson().cpu().numpy() for r in runs[1:]}, tokens)
+        print(f"  {pipe} done in {secs:.2f} s", flush=True)
+    diff = float("nan")  # max |r_naive - r_engine| over features and conditions, on the naive's tokens
+    if not args.skip_naive:
+        n_naive = min(blocks.n_blocks, -(-(args.naive_tokens or tokens) // block_len))
+        naive_blocks = first(n_naive) if n_naive < blocks.n_blocks else blocks
+        naive_sweep(model, sae, hook, first(naive_batch), conditions[:1], naive_batch, device)
+        sync(device)
+        with PeakMemory(device) as mem:
+            t = time.perf_counter()
+            r_naive = naive_sweep(model, sae, hook, naive_blocks, conditions, naive_batch, device)
+            sync(device)
+            secs = time.perf_counter() - t
+        results["naive"] = (secs, mem.peak, r_naive, n_naive * block_len)
+        r_engine = results["engine"][2]
+        if naive_blocks is not blocks:
+            runs = run_conditions(model, [sae], [hook], naive_blocks, conditions, batch, device, progress=False)
+            r_engine = {r.name: r.moments[0].pearson().cpu().numpy() for r in runs[1:]}
+        diff = max(float(np.nanmax(np.abs(r_naive[c] - r_engine[c]))) for c in r_naive)
 
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     rows = []
-    for pipe, (secs, mem, rs) in results.items():
-        other = results.get("naive" if pipe == "engine" else "engine")
-        diff = float("nan")
-        if other is not None:
-            diff = max(float(np.nanmax(np.abs(rs[c] - other[2][c]))) for c in rs)
+    for pipe, (secs, mem, _, n_tok) in results.items():
+        p_floor = floor * n_tok / tokens
         row = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": dev_name,
-            "shape": name, "pipeline": pipe, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
-            "conditions": len(conditions), "batch_blocks": batch, "sweep_s": round(secs, 3),
-            "s_per_condition": round(secs / len(conditions), 3), "tokens_per_s": round(tokens * len(conditions) / secs, 1),
-            "flop_floor_s": round(floor, 3), "ratio_to_floor": round(secs / floor, 2),
-            "speedup_vs_naive": round(results["naive"][0] / secs, 2) if "naive" in results else None,
-            "peak_mem_gib": round(mem, 3), "max_abs_r_diff": diff, "torch": torch.__version__,
+            "shape": name, "pipeline": pipe, "dtype": str(dtype).removeprefix("torch."), "tokens": n_tok,
+            "conditions": len(conditions), "batch_blocks": naive_batch if pipe == "naive" else batch, "sweep_s": round(secs, 3),
+            "s_per_condition": round(secs / len(conditions), 3), "tokens_per_s": round(n_tok * len(conditions) / secs, 1),
+            "flop_floor_s": round(p_floor, 3), "ratio_to_floor": round(secs / p_floor, 2),
+            # throughput ratio (equal to the time ratio when both ran the same tokens)
+            "speedup_vs_naive": (round((n_tok / secs) / (results["naive"][3] / results["naive"][0]), 2)
+                                 if "naive" in results else None),
+            "peak_mem_gib": round(mem, 3), "model_gib": round(param_gib, 3), "fp_cache_gib": round(cache_gib, 3),
+            "max_abs_r_diff": diff, "torch": torch.__version__,
         }
         rows.append(row)
-        print(f"  {pipe:<7} {secs:8.2f} s  {row['s_per_condition']:7.2f} s/cond  {row['tokens_per_s']:10.0f} tok/s  "
+        print(f"  {pipe:<13} {n_tok:8d} tok {secs:8.2f} s  {row['s_per_condition']:7.2f} s/cond  {row['tokens_per_s']:10.0f} tok/s  "
               f"{row['ratio_to_floor']:6.2f}x floor  peak {mem:.2f} GiB" +
               (f"  {row['speedup_vs_naive']:.2f}x vs naive" if row["speedup_vs_naive"] else "") +
               (f"  max|dr| {diff:.1e}" if diff == diff else ""))
+    if "engine-serial" in results:
+        print(f"  overlap gain: engine-serial / engine = {results['engine-serial'][0] / results['engine'][0]:.3f}")
     if not args.no_csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        new = not args.csv.exists()
-        with args.csv.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(args.csv, rows)
     return 0
 
 

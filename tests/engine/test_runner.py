@@ -107,15 +107,27 @@ def test_the_batch_loop_reads_nothing_back_to_the_host(tiny_llama, tiny_sae, tex
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the second stream is CUDA-only)")
-def test_encode_overlap_on_a_second_stream_gives_identical_results(tiny_llama, tiny_sae, text_file):
+@pytest.mark.parametrize("cache_on_host", [False, True])
+def test_encode_overlap_on_a_second_stream_gives_identical_results(tiny_llama, text_file, monkeypatch, cache_on_host):
+    """On a GPU: the second stream (and the FP cache in pinned host memory) changes no bit of any result.
+    The SAE is built here, not with SAELens, so the test also runs on a GPU image without it."""
+    import qdm_engine.engine.runner as runner
+    from qdm_engine.engine.sae import SAEWeights
+
+    if cache_on_host:
+        monkeypatch.setattr(runner, "_cache_device", lambda *a: "cpu")
     model, tok, _ = load_model(str(tiny_llama), progress=False)
     model = model.to("cuda")
-    sae = load_sae(tiny_sae, device="cuda")
+    d, hook = model.config.hidden_size, "blocks.1.hook_resid_post"
+    g = torch.Generator().manual_seed(0)
+    sae = SAEWeights(torch.randn(d, 256, generator=g) / d ** 0.5, -0.1 * torch.rand(256, generator=g),
+                     torch.zeros(d), "standard", hook, None).to("cuda")
     blocks = make_blocks(tok, read_text(text_file), 32, 32 * 12, True)
-    args = (model, [sae], [sae.hook_name], blocks, [RTN(4), RTN(6)], 3, "cuda")
+    args = (model, [sae], [hook], blocks, [RTN(4), RTN(6)], 3, "cuda")
     serial = run_conditions(*args, progress=False, overlap=False)
     overlapped = run_conditions(*args, progress=False, overlap=True)
     for a, b in zip(serial, overlapped):
         assert a.nll == b.nll and a.n_targets == b.n_targets
         for ma, mb in zip(a.moments, b.moments):
             assert torch.equal(ma.pack(), mb.pack())
+    assert 0.5 < float(serial[1].moments[0].pearson().nanmean()) <= 1.0
