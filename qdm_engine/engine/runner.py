@@ -66,24 +66,27 @@ def _cache_device(blocks: TokenBlocks, d_model: int, n_sites: int, item: int, de
 
 
 class _Batch:
-    """One batch of blocks: token ids (pinned host memory on CUDA) and the flat indices of its scored
-    positions, computed on the host so that selecting them on the device never waits for the GPU."""
+    """One batch of blocks: token ids and the flat indices of its scored positions, both computed once on
+    the host (in pinned memory on CUDA, so their copies to the GPU are asynchronous): selecting the
+    scored rows on the device then never waits for the GPU, as a boolean mask would."""
 
-    def __init__(self, ids: torch.Tensor, mask: torch.Tensor):
-        self.ids, self.mask = ids, mask
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, pin: bool):
+        self.ids, self.mask, self.pin = ids, mask, pin
+        self.index = self.scored_index()
 
     def rows(self, lo: int, hi: int) -> "_Batch":
-        return _Batch(self.ids[lo:hi], self.mask[lo:hi])
+        return _Batch(self.ids[lo:hi], self.mask[lo:hi], self.pin)
 
     def scored_index(self) -> torch.Tensor:
-        return self.mask.flatten().nonzero().squeeze(1)
+        index = self.mask.flatten().nonzero().squeeze(1)
+        return index.pin_memory() if self.pin else index
 
 
 def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard, pin: bool) -> list[_Batch]:
     ids, mask = blocks.ids[shard.rank::shard.world], blocks.score_mask[shard.rank::shard.world]
     if pin:
         ids = ids.contiguous().pin_memory()
-    return [_Batch(ids[lo:lo + batch_size], mask[lo:lo + batch_size]) for lo in range(0, ids.shape[0], batch_size)]
+    return [_Batch(ids[lo:lo + batch_size], mask[lo:lo + batch_size], pin) for lo in range(0, ids.shape[0], batch_size)]
 
 
 class _EncodeStream:
@@ -155,7 +158,7 @@ def run_conditions(
 
     def forward_once(batch: _Batch):
         ids = batch.ids.to(device, non_blocking=True)
-        keep = batch.scored_index().to(device, non_blocking=True)
+        keep = batch.index.to(device, non_blocking=True)
         try:
             logits = model(input_ids=ids, use_cache=False).logits
         except StopForward:
@@ -175,7 +178,10 @@ def run_conditions(
         n_rows = batch.ids.shape[0]
         rows = split["rows"] or n_rows
         try:
-            parts = [forward_once(batch.rows(i, i + rows)) for i in range(0, n_rows, rows)]
+            if rows >= n_rows:
+                parts = [forward_once(batch)]
+            else:
+                parts = [forward_once(batch.rows(i, i + rows)) for i in range(0, n_rows, rows)]
         except torch.OutOfMemoryError:
             if rows == 1:
                 raise
