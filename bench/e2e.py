@@ -243,8 +243,11 @@ def main() -> int:
     def first(n: int) -> TokenBlocks:  # a short warm-up slice
         return TokenBlocks(blocks.ids[:n], blocks.score_mask[:n], blocks.bos_id, n * block_len)
 
+    def r_by_condition(runs) -> dict[str, np.ndarray]:
+        return {r.name: r.moments[0].pearson().cpu().numpy() for r in runs[1:]}
+
     pipelines = {"engine": dict(overlap=True)}
-    if device.startswith("cuda"):
+    if on_cuda:
         pipelines["engine-serial"] = dict(overlap=False)
     results = {}
     for pipe, opts in pipelines.items():
@@ -255,7 +258,7 @@ def main() -> int:
             runs = run_conditions(model, [sae], [hook], blocks, conditions, batch, device, progress=False, **opts)
             sync(device)
             secs = time.perf_counter() - t
-        results[pipe] = (secs, mem.peak, {r.name: r.moments[0].pearson().cpu().numpy() for r in runs[1:]}, tokens)
+        results[pipe] = (secs, mem.peak, r_by_condition(runs), tokens)
         print(f"  {pipe} done in {secs:.2f} s", flush=True)
     diff = float("nan")  # max |r_naive - r_engine| over features and conditions, on the naive's tokens
     if not args.skip_naive:
@@ -271,11 +274,11 @@ def main() -> int:
         results["naive"] = (secs, mem.peak, r_naive, n_naive * block_len)
         r_engine = results["engine"][2]
         if naive_blocks is not blocks:
-            runs = run_conditions(model, [sae], [hook], naive_blocks, conditions, batch, device, progress=False)
-            r_engine = {r.name: r.moments[0].pearson().cpu().numpy() for r in runs[1:]}
+            r_engine = r_by_condition(run_conditions(model, [sae], [hook], naive_blocks, conditions, batch, device,
+                                                     progress=False))
         diff = max(float(np.nanmax(np.abs(r_naive[c] - r_engine[c]))) for c in r_naive)
 
-    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    dev_name = torch.cuda.get_device_name() if on_cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     rows = []
     for pipe, (secs, mem, _, n_tok) in results.items():
         p_floor = floor * n_tok / tokens

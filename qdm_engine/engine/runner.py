@@ -245,8 +245,8 @@ def run_conditions(
                                 kept[i].append(m.to("cpu"))
                     nll, n = nll + b_nll, n + b_n
                     bar.update()
-                side.join()
             finally:
+                side.join()  # also on an error: nothing the side stream reads may be freed under it
                 if saved is not None:  # queued on the default stream after this condition's forwards
                     saved.restore()
             nll, n = shard.sum(float(nll), n)

@@ -118,8 +118,8 @@ class FeatureMoments:
         fixed handful of kernels however many groups there are (a left fold costs G merges), and is
         deterministic (fixed-order reductions, no atomics). Empty groups (n_g = 0) contribute nothing.
         """
-        if packed.dim() != 3 or packed.shape[1] != 9 or packed.shape[0] < 1:
-            raise ValueError(f"expected packed moments [G, 9, F], got {tuple(packed.shape)}")
+        if packed.dim() != 3 or packed.shape[1] != 9 or packed.shape[0] < 1 or packed.dtype != _F64:
+            raise ValueError(f"expected float64 packed moments [G, 9, F], got {tuple(packed.shape)} {packed.dtype}")
         n_g, mx_g, my_g, m2x_g, m2y_g, cxy_g, fx_g, fy_g, max_g = packed.unbind(1)
         n = n_g.sum(0)
         inv = 1.0 / n.clamp_min(1)

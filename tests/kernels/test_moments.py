@@ -140,8 +140,10 @@ def test_combine_matches_numpy_and_the_pairwise_fold():
     poisoned[3, 4, 5] = float("nan")  # one unwritten slot of one group shows up in that feature
     bad = FeatureMoments.combine(poisoned)
     assert torch.isnan(bad.m2y[5]) and not torch.isnan(bad.m2y[6])
-    with pytest.raises(ValueError, match="packed moments"):
-        FeatureMoments.combine(torch.zeros(3, 8, 4, dtype=torch.float64))
+    for bad_shape in (torch.zeros(3, 8, 4, dtype=torch.float64), torch.zeros(0, 9, 4, dtype=torch.float64),
+                      torch.zeros(3, 9, 4, dtype=torch.float32)):
+        with pytest.raises(ValueError, match="float64 packed moments"):
+            FeatureMoments.combine(bad_shape)
 
 
 def test_merging_never_reads_a_value_back_to_the_host():
