@@ -23,7 +23,9 @@ import torch
 from qdm_engine import __version__
 from qdm_engine.analysis.results import check_out_dir, write_run
 from qdm_engine.analysis.taxonomy import Thresholds, classify, summarize
-from qdm_engine.engine.compress import FP, SCOPES, CalibrationTokens, find_targets, parse_bits, parse_method
+from qdm_engine.engine.compress import (
+    FP, SCOPES, CalibrationTokens, find_targets, parse_bits, parse_method, spec_of,
+)
 from qdm_engine.engine.compress.rtn import RTN
 from qdm_engine.engine.compress.sparsity import MagnitudePrune
 from qdm_engine.engine.models import (
@@ -39,6 +41,7 @@ from qdm_engine.kernels.moments import FeatureMoments
 SUMMARY_COLUMNS = [
     "sae", "condition", "method", "bits", "sparsity", "ppl", "dppl_pct", "mean_r", "median_r",
     "survived_pct", "degraded_pct", "damaged_pct", "n_active", "undefined_n", "n_tokens", "seconds",
+    "compress_seconds",
 ]
 
 
@@ -311,7 +314,7 @@ def sweep(
                 "sha256": calib_ids.sha256,
                 "disjoint": "separate text" if calib_text else f"the {calib.n_blocks} blocks after the audit blocks"},
         },
-        "conditions": [dict(name=c.name, **c.describe()) for c in conditions],
+        "conditions": [dict(name=c.name, spec=spec_of(c), **c.describe()) for c in conditions],
         "thresholds": thresholds.to_dict(),
         "perplexity": ppl,
         "batch_size": batch_size,
@@ -368,6 +371,7 @@ def _tables(runs: list[ConditionRun], tags: list[str], th: Thresholds, scored: i
                 "sae": tag, "condition": key(r.name), "method": desc["method"], "bits": desc.get("bits"),
                 "sparsity": desc.get("sparsity"), "ppl": c_ppl, "dppl_pct": 100.0 * (c_ppl / fp_ppl - 1.0),
                 **summarize(tables[r.name]), "n_tokens": int(r.moments[i].n), "seconds": r.seconds,
+                "compress_seconds": r.compress_seconds,
             })
     summary = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
     summary["bits"] = summary["bits"].astype("Int64")

@@ -37,6 +37,7 @@ class ConditionRun:
     seconds: float
     moments: list[FeatureMoments] = field(default_factory=list)  # one per SAE; empty for the FP reference
     batch_moments: list[list[FeatureMoments]] = field(default_factory=list)  # per SAE, per batch (keep_batches)
+    compress_seconds: float = 0.0  # of `seconds`, the time `apply` took (the method's own quantizer)
 
 
 def auto_batch_size(model: torch.nn.Module, block_len: int, device: str, free_bytes: int | None = None) -> int:
@@ -230,7 +231,11 @@ def run_conditions(
             with side.enter():
                 accs = [FeatureMoments.zeros(s.d_sae, device=device) for s in saes]
             kept: list[list[FeatureMoments]] = [[] for _ in saes]
+            t_apply = time.perf_counter()
             cond.apply(model)
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            t_apply = time.perf_counter() - t_apply
             try:
                 for batch, cached in zip(batches, cache):
                     xs, b_nll, b_n = forward(batch)
@@ -251,6 +256,6 @@ def run_conditions(
                     saved.restore()
             nll, n = shard.sum(float(nll), n)
             runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0,
-                                     [shard.merge(a) for a in accs], kept if keep_batches else []))
+                                     [shard.merge(a) for a in accs], kept if keep_batches else [], t_apply))
     bar.close()
     return runs

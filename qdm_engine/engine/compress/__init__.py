@@ -326,3 +326,18 @@ def parse_bits(spec: str) -> list[int]:
     if bad:
         raise QdmError(f"--bits {spec}: {bad[0]} is outside 2..16")
     return bits
+
+
+def spec_of(cond) -> str | None:
+    """The `--method` spec that rebuilds `cond` (recorded in config.json; the FP null has none)."""
+    inner = getattr(cond, "inner", cond)  # a matched condition: its method at the matched strength
+    if not isinstance(inner, Method):
+        return None
+    name = "magnitude" if not type(inner).listed else inner.method
+    cls = METHODS[name]
+    parts = []
+    for k in cls.keys:
+        v = getattr(inner, k.name, None)
+        if v is not None:
+            parts.append(f"{k.name}={str(v).lower() if isinstance(v, bool) else v}")
+    return name + (":" + ",".join(parts) if parts else "")
