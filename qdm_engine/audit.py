@@ -85,7 +85,7 @@ def _versions() -> dict:
 
 
 def _conditions(bits, prune, null: bool, prune_matched: str | None = None, methods=(), scope: str = "blocks",
-                match=()) -> list:
+                match=(), checkpoints: bool = False) -> list:
     """The conditions of a sweep from its flags, all checked before any model loads."""
     if scope not in SCOPES:
         raise QdmError(f"unknown --scope '{scope}'; choose blocks or all")
@@ -100,8 +100,8 @@ def _conditions(bits, prune, null: bool, prune_matched: str | None = None, metho
         _bits_of(prune_matched)
     for m in match or []:
         parse_match(m)
-    if not conds and not prune_matched and not match:
-        raise QdmError("nothing to audit: give --bits, --method, --prune, --match or --prune-matched")
+    if not conds and not prune_matched and not match and not checkpoints:
+        raise QdmError("nothing to audit: give --bits, --method, --compressed, --prune, --match or --prune-matched")
     names = [c.name for c in conds]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -179,6 +179,7 @@ def sweep(
     methods=(),
     scope: str = "blocks",
     match=(),
+    compressed=(),
     gguf_file: str | None = None,
     hook: str | None = None,
     text: str | None = None,
@@ -214,7 +215,16 @@ def sweep(
     t_start = time.perf_counter()
     methods = [methods] if isinstance(methods, str) else list(methods or [])
     match = [match] if isinstance(match, str) else list(match or [])
-    conditions = _conditions(bits, prune, null, prune_matched, methods, scope, match)
+    from qdm_engine.engine.checkpoints import Checkpoint, make_checkpoint
+
+    compressed = [compressed] if isinstance(compressed, (str, Path)) else list(compressed or [])
+    checkpoints = [make_checkpoint(str(c), trust_remote_code) for c in compressed]  # paths checked, files hashed
+    conditions = _conditions(bits, prune, null, prune_matched, methods, scope, match, bool(checkpoints))
+    conditions += checkpoints
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise QdmError(f"condition {', '.join(twice)} is listed twice; name a checkpoint with --compressed NAME=PATH")
     matches = [(m, t, _match_target(t, conditions)) for m, t in map(parse_match, match)]
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise QdmError(f"--batch-size must be a positive number or auto, got {batch_size}")
@@ -254,7 +264,10 @@ def sweep(
     if any(not isinstance(c, FP) for c in conditions) or prune_matched or matches:
         find_targets(lm)  # compression needs the decoder-layer linears: fail before any forward pass
     for c in conditions + [t for _m, _n, t in matches]:
-        c.check(lm)  # group sizes, block sizes and patterns against this model's widths
+        if isinstance(c, Checkpoint):
+            c.check(lm, tok)  # tokenizer, depth, width and every parameter shape against the base
+        else:
+            c.check(lm)  # group sizes, block sizes and patterns against this model's widths
     if tokens == "auto":  # a few minutes for an INT8..INT4 sweep of a ~100M model on 2 CPU cores
         tokens = 8192 if device == "cpu" else 131072
     blocks = make_blocks(tok, text_str, block_len, tokens, bos)

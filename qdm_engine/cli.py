@@ -66,6 +66,10 @@ def _add_sweep(sub) -> None:
                    help="also audit a compression method, e.g. gptq:bits=4,group=128, awq, hqq:bits=4, nf4, fp8, "
                         "gguf:type=Q4_K, wanda:sparsity=0.5, sparsegpt:pattern=2:4 (repeatable; "
                         "`qdm-engine methods` lists every method and its keys)")
+    g.add_argument("--compressed", action="append", default=[], metavar="[NAME=]PATH",
+                   help="also audit a downloaded checkpoint of the base model against it: a .gguf file, a "
+                        "compressed-tensors folder (llm-compressor output) or a transformers folder (repeatable; "
+                        "named after its file or folder unless NAME= is given)")
     g.add_argument("--scope", choices=["blocks", "all"], default="blocks",
                    help="what is compressed: blocks (the decoder-layer linears) or all (also the embeddings and "
                         "the output head, as deployed GGUF files do)")
@@ -125,10 +129,10 @@ def _run_sweep(args) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731  (what is audited is part of the output)
     bits = args.bits
     if bits is None:
-        bits = None if (args.method or args.match) else "8..4"
+        bits = None if (args.method or args.match or args.compressed) else "8..4"
     result = sweep(
         model=args.model, sae=args.sae, bits=bits, prune=args.prune, prune_matched=args.prune_matched,
-        methods=args.method, scope=args.scope, match=args.match,
+        methods=args.method, scope=args.scope, match=args.match, compressed=args.compressed,
         gguf_file=args.gguf_file, hook=args.hook, text=args.text, calib_text=args.calib_text,
         calib_tokens=args.calib_tokens, tokens=args.tokens, block_len=args.block_len, ppl=args.ppl,
         batch_size=args.batch_size, bos=args.bos, device=args.device, dtype=args.dtype,
