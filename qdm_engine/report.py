@@ -167,8 +167,12 @@ def _groups(run_dir: Path, config: dict, summary: pd.DataFrame) -> list[Group]:
             name = str(row["condition"])
             short = name[len(prefix):] if name.startswith(prefix) else name
             method, bits = _method_of(short, row.get("method"))
-            if method == "rtn" and bits is None and math.isfinite(_num(row.get("bits"))):
+            per_row = described.get(short, {}).get("group") is None and described.get(short, {}).get(
+                "symmetric", True) and described.get(short, {}).get("scope", "blocks") == "blocks"
+            if method == "rtn" and bits is None and math.isfinite(_num(row.get("bits"))) and per_row:
                 bits = int(_num(row.get("bits")))  # an RTN condition named other than intN
+            elif method == "rtn" and not per_row:
+                method = "rtn-variant"  # group-wise / asymmetric / all-tensor RTN: not on the per-row bits curve
             if short == "fp" and method == "fp":
                 fp_row = row
             elif name in stored:  # a condition without its per-feature table cannot be drawn
