@@ -161,7 +161,7 @@ def sweep(
 
     `sae` may be a list: every SAE is read at its own site from the same forward passes, and its
     conditions are named `<sae-tag>/<condition>`. `prune_matched='int6'` adds magnitude pruning at the
-    sparsity whose held-out perplexity matches RTN INT6 (bisection, METHOD.md section 3). `ppl=False`
+    sparsity whose held-out perplexity matches RTN INT6 (bisection, docs/METHOD.md section 3). `ppl=False`
     stops each forward at the deepest read-out (features only). Under torchrun the blocks are sharded
     over ranks. Returns the summary and per-feature tables; with `out`, rank 0 also writes the run folder.
     """

@@ -144,7 +144,7 @@ def _add_analyses(sub) -> None:
                        help="which features are fragile? logistic regression on FP statistics of a run",
                        description="Predict survival of each active feature from its FP statistics only "
                                    "(rarity, log mean, log peak, log concentration): 5-fold CV ROC AUC, "
-                                   "standardised coefficients, VIF and survival by quartile (METHOD.md section 7).")
+                                   "standardised coefficients, VIF and survival by quartile (docs/METHOD.md section 7).")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
     p.add_argument("--condition", default="int6", help="condition whose survival is predicted")
     p.add_argument("--recipe", choices=["ours", "paper"], default="ours",
@@ -153,7 +153,7 @@ def _add_analyses(sub) -> None:
 
     p = sub.add_parser("overlap", formatter_class=_Help,
                        help="do two conditions damage the same features? Jaccard, damage correlation, deciles",
-                       description="Compare two conditions of one run (METHOD.md section 8): Jaccard of the "
+                       description="Compare two conditions of one run (docs/METHOD.md section 8): Jaccard of the "
                                    "non-survived, damaged and degraded sets, Pearson and Spearman of damage "
                                    "scores, and non-survival by FP firing-rate decile.")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qdm-engine",
         description="Does a compressed language model keep its SAE features? A feature-by-feature audit.",
+        epilog="The method (formulas, defaults, changes from the paper) is docs/METHOD.md in the qdm-engine "
+               "repository; the help cites its sections.",
     )
     parser.add_argument("--version", action="version", version=f"qdm-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -1,7 +1,7 @@
 """`qdm-engine ppl`: sliding-window perplexity for the conditions of a finished run.
 
 Reloads the run's model (from config.json), walks the run's own audit text with a sliding window
-(METHOD.md section 6: window W, stride S, BOS at the start of each window, only new targets scored,
+(docs/METHOD.md section 6: window W, stride S, BOS at the start of each window, only new targets scored,
 token-weighted), for FP and each compression condition, and adds `ppl_sliding` and
 `dppl_sliding_pct` columns to the run's summary (rewritten atomically).
 """

@@ -1,4 +1,4 @@
-"""Do two compression conditions damage the same features? (METHOD.md section 8.)
+"""Do two compression conditions damage the same features? (docs/METHOD.md section 8.)
 
 Compares two conditions' per-feature tables from one run (same features, same FP statistics) over the
 features active in the FP run: Jaccard overlap of the non-survived, damaged and degraded sets, Pearson

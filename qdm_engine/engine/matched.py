@@ -1,4 +1,4 @@
-"""Matched-perplexity pruning (METHOD.md section 3): the sparsity whose perplexity matches an RTN condition.
+"""Matched-perplexity pruning (docs/METHOD.md section 3): the sparsity whose perplexity matches an RTN condition.
 
 Bisection over s in [0, 0.8], 6 steps: ppl(s) < target -> lo = s, else hi = s; the evaluated s whose
 perplexity is closest to the target wins. Perplexities come from held-out blocks disjoint from the

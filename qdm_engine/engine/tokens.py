@@ -1,6 +1,6 @@
 """The audit's token tensor: text -> non-empty lines joined -> tokenized once -> fixed-length blocks.
 
-Every condition of a sweep sees this same tensor (METHOD.md section 2). With BOS on (the default, when
+Every condition of a sweep sees this same tensor (docs/METHOD.md section 2). With BOS on (the default, when
 the tokenizer has one) every block starts with BOS and BOS positions are left out of the feature
 statistics; `bos=False` reproduces the paper's blocks of plain text.
 """

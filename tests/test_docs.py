@@ -1,0 +1,54 @@
+"""The repository stands on its own: the method document the help cites is in it, and the README's
+examples run on what the default sweep writes."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from qdm_engine.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = ROOT / "docs" / "METHOD.md"
+
+
+def all_help() -> str:
+    """The top-level help and every subcommand's help, as a user sees them."""
+    parser = build_parser()
+    texts = [parser.format_help()]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            texts += [p.format_help() for p in action.choices.values()]
+    return "\n".join(texts)
+
+
+def method_sections() -> set[str]:
+    return set(re.findall(r"^## (\d+)\.", METHOD.read_text(encoding="utf-8"), flags=re.M))
+
+
+def test_method_document_is_in_the_repository():
+    assert METHOD.is_file()
+    assert method_sections() >= {str(n) for n in range(1, 12)}
+
+
+@pytest.mark.parametrize("where", ["help", "README"])
+def test_method_citations_name_the_repository_file(where):
+    text = all_help() if where == "help" else (ROOT / "README.md").read_text(encoding="utf-8")
+    text = re.sub(r"\s+", " ", text)  # argparse wraps lines anywhere
+    cites = re.findall(r"(\S*)METHOD\.md", text)
+    assert cites, f"the {where} does not point to the method document"
+    assert all(c.endswith("docs/") for c in cites), cites
+
+
+def test_cited_sections_exist():
+    """Every 'METHOD.md section N' (or 'sections N and M') in the package and the help names a real section."""
+    sources = [all_help()] + [p.read_text(encoding="utf-8") for p in (ROOT / "qdm_engine").rglob("*.py")]
+    cited = set()
+    for text in sources:
+        for ref in re.findall(r"METHOD\.md(?:'s)?\s+sections?\s+(\d+(?:\s*(?:,|and)\s*\d+)*)", re.sub(r"\s+", " ", text)):
+            cited |= set(re.findall(r"\d+", ref))
+    assert cited, "no section citations found"
+    assert cited <= method_sections(), cited - method_sections()
