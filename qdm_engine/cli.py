@@ -16,10 +16,16 @@ from qdm_engine.errors import QdmError
 
 
 class _Help(argparse.HelpFormatter):
-    """Shows a flag's default only when it has a real one (not None, False or an empty list)."""
+    """Shows a flag's default only when it has a real one (not None, False or an empty list).
+
+    A switch (store_true/store_false) takes no value, so its stored default says nothing a user can
+    type: `--no-bos` storing True by default would read "(default: True)". Its help says what it does.
+    """
 
     def _get_help_string(self, action):
         text = action.help or ""
+        if action.nargs == 0:
+            return text
         if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text

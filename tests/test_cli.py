@@ -186,3 +186,27 @@ def test_sweep_report_flag_writes_the_report(run):
     _, out = run
     html = (out / "report" / "report.html").read_text()
     assert "<img" in html and "int4" in html
+
+
+# ---- help text ---------------------------------------------------------------------------------------
+
+def _subcommand_helps():
+    import argparse
+
+    from qdm_engine.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_help_shows_no_default_for_switches():
+    """--no-bos and --no-ppl store True when absent; their help must not read '(default: True)'."""
+    for name, parser in _subcommand_helps().items():
+        for action in parser._actions:
+            if action.nargs == 0 and action.option_strings and action.help:
+                formatted = parser._get_formatter()._get_help_string(action)
+                assert "(default:" not in formatted, (name, action.option_strings)
+    text = " ".join(_subcommand_helps()["sweep"].format_help().split())
+    assert "(default: True)" not in text and "(default: False)" not in text
+    assert "--tokens TOKENS token budget (positions, BOS included); auto: 8192 on CPU, 131072 on CUDA (default: auto)" in text
