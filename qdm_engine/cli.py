@@ -48,6 +48,21 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _floats(s: str) -> list[float]:
+    """A comma list of numbers, e.g. 0.1,0.25 (for a flag that takes several values)."""
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.1 or 0.1,0.25, got '{s}'") from None
+
+
+def _names(s: str) -> list[str]:
+    """A comma list of names (for a flag that takes several values); a path that exists is one name."""
+    if os.path.exists(os.path.expanduser(s)):
+        return [s]
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
 def _count_or_auto(s: str):
     """A positive whole number, or 'auto'."""
     return "auto" if s == "auto" else _positive_int(s)
@@ -67,8 +82,8 @@ def _add_sweep(sub) -> None:
     )
     g = p.add_argument_group("what to audit")
     g.add_argument("--bits", default="8..4", help="RTN bit widths: a range like 8..4 or a list like 8,6,4 (each 2..16)")
-    g.add_argument("--prune", type=float, action="append", default=[], metavar="S",
-                   help="also audit per-tensor magnitude pruning at sparsity S (repeatable)")
+    g.add_argument("--prune", type=_floats, action="extend", default=[], metavar="S",
+                   help="also audit per-tensor magnitude pruning at sparsity S (a comma list, or repeat it)")
     g.add_argument("--prune-matched", metavar="intB",
                    help="also audit magnitude pruning at the sparsity whose held-out perplexity matches RTN "
                         "intB (6-step bisection over 0..0.8 on blocks disjoint from the audit's)")
@@ -78,9 +93,9 @@ def _add_sweep(sub) -> None:
     g = p.add_argument_group("model and SAE")
     g.add_argument("--model", help="transformers causal LM: hub id or local folder (default: the embedded model)")
     g.add_argument("--gguf-file", help="a GGUF checkpoint (path, or a file name inside --model's hub repo)")
-    g.add_argument("--sae", action="append",
-                   help="SAELens SAE: release:sae_id or a folder with cfg.json + sae_weights.safetensors; repeat "
-                        "it to audit several SAEs (at their own sites) from the same forward passes")
+    g.add_argument("--sae", type=_names, action="extend",
+                   help="SAELens SAE: release:sae_id or a folder with cfg.json + sae_weights.safetensors; give a "
+                        "comma list or repeat it to audit several SAEs (at their own sites) from the same forward passes")
     g.add_argument("--hook", help="read-out site, e.g. blocks.6.hook_resid_post (default: the SAE's hook_name)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code from its repo")
     g = p.add_argument_group("tokens")
@@ -172,7 +187,8 @@ def _add_analyses(sub) -> None:
                        description="Recount the taxonomy for survival thresholds 0.80-0.95 x damage thresholds "
                                    "0.3-0.7 from a run's per-feature tables, without rerunning any model.")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
-    p.add_argument("--condition", action="append", help="condition(s) to tabulate (default: all)")
+    p.add_argument("--condition", type=_names, action="extend",
+                   help="condition(s) to tabulate, a comma list like int4,int5 or repeated (default: all)")
     p.set_defaults(func=_run_thresholds)
 
 

@@ -210,3 +210,29 @@ def test_help_shows_no_default_for_switches():
     text = " ".join(_subcommand_helps()["sweep"].format_help().split())
     assert "(default: True)" not in text and "(default: False)" not in text
     assert "--tokens TOKENS token budget (positions, BOS included); auto: 8192 on CPU, 131072 on CUDA (default: auto)" in text
+
+
+# ---- flags that take several values accept a comma list ---------------------------------------------
+
+def test_thresholds_takes_a_comma_list_of_conditions(run, capsys):
+    _, out = run
+    assert main(["thresholds", str(out), "--condition", "int4", "--condition", "int5"]) == 0
+    repeated = capsys.readouterr().out
+    assert main(["thresholds", str(out), "--condition", "int4,int5"]) == 0
+    listed = capsys.readouterr().out
+    assert listed == repeated and "int4" in listed and "int5" in listed
+    assert len(listed.strip().splitlines()) == 1 + 2 * 4 * 5
+    assert main(["thresholds", str(out), "--condition", "int4,int9"]) == 2
+    assert "condition 'int9' is not in run" in capsys.readouterr().err
+
+
+def test_sweep_flags_take_comma_lists(tmp_path):
+    from qdm_engine.cli import build_parser
+
+    a, b = tmp_path / "sae-a", tmp_path / "sae,b"  # a folder whose name holds a comma stays one SAE
+    a.mkdir(), b.mkdir()
+    args = build_parser().parse_args(["sweep", "--prune", "0.25,0.5", "--prune", "0.75",
+                                      "--sae", f"{a},rel:id", "--sae", str(b)])
+    assert args.prune == [0.25, 0.5, 0.75]
+    assert args.sae == [str(a), "rel:id", str(b)]
+    assert run_main(["sweep", "--prune", "0.2,x"]) == 2
