@@ -24,7 +24,7 @@ from qdm_engine.analysis.results import check_out_dir, write_run
 from qdm_engine.analysis.taxonomy import Thresholds, classify, summarize
 from qdm_engine.engine.compression import FP, RTN, MagnitudePrune, family_of, parse_bits
 from qdm_engine.engine.models import (
-    decoder_layers, hf_progress_bars, load_model, model_identity, parse_dtype, parse_hook,
+    check_model_source, decoder_layers, hf_progress_bars, load_model, model_identity, parse_dtype, parse_hook,
 )
 from qdm_engine.engine.perplexity import perplexity
 from qdm_engine.engine.runner import ConditionRun, auto_batch_size, run_conditions
@@ -193,10 +193,11 @@ def sweep(
     if text is None:
         text = str(default.DEFAULT_TEXT)
     text_str = read_text(text)  # fail fast on a bad text, before any model loads
-    calib_str = read_text(calib_text) if calib_text is not None else None
+    calib_str = read_text(calib_text, flag="--calib-text") if calib_text is not None else None
+    check_model_source(model, gguf_file)
+    saes = [load_sae(s, device=device) for s in (sae_specs or [default.DEFAULT_SAE_DIR])]  # before the model
 
     lm, tok, model_id = load_lm(model, gguf_file, torch_dtype, device, trust_remote_code, progress)
-    saes = [load_sae(s, device=device) for s in (sae_specs or [default.DEFAULT_SAE_DIR])]
     hooks = [hook or s.hook_name for s in saes]
     n_layers = len(decoder_layers(lm))
     for s, h in zip(saes, hooks):

@@ -55,8 +55,8 @@ def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | No
         raise QdmError(f"run '{run_dir}' records no model loading arguments; rerun the sweep with this version")
     device = device or config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype or config.get("dtype"), device)
+    text = read_text(config["tokens"]["text"])  # every input is checked before the model loads
     lm, tok, _ = load_lm(load["model"], load["gguf_file"], torch_dtype, device, load["trust_remote_code"], progress)
-    text = read_text(config["tokens"]["text"])
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     bos_id = tok.bos_token_id if config["tokens"].get("bos", True) else None
     cfg = config["tokens"]

@@ -92,10 +92,15 @@ def odd_inputs(tmp_path_factory):
     opt.save_pretrained(base / "opt")
     tok.save_pretrained(base / "opt")
     (base / "empty.txt").write_text("\n  \n")
+    (base / "empty-model").mkdir()
+    (base / "no-tokenizer").mkdir()
+    (base / "no-tokenizer" / "config.json").write_text((base / "opt" / "config.json").read_text())
     return {
         "sae16": build_sae(base / "sae16", d_in=16),
         "opt": base / "opt",
         "empty": base / "empty.txt",
+        "empty_model": base / "empty-model",
+        "no_tokenizer": base / "no-tokenizer",
     }
 
 
@@ -111,6 +116,10 @@ ERROR_CASES = {
     "family": (lambda i: dict(model=i["opt"]), "model family 'opt' is not supported for compression; supported: gemma2, gpt2, gpt_neox, llama, mistral, qwen2"),
     "model path": (lambda i: dict(model=i["empty"].parent / "no-model"), "model path .* does not exist"),
     "sae path": (lambda i: dict(sae=i["empty"].parent / "no-sae"), "SAE .* does not exist"),
+    "empty model folder": (lambda i: dict(model=i["empty_model"]),
+                           "model folder '.*empty-model' is empty; pass to --model a folder written by transformers"),
+    "model folder without tokenizer": (lambda i: dict(model=i["no_tokenizer"]),
+                                       "model folder '.*no-tokenizer' has no tokenizer files"),
     "prune": (lambda i: dict(extra=["--prune", "1.5"]), "sparsity must be in \\[0, 1\\)"),
     "batch": (lambda i: dict(extra=["--batch-size", "0"]), "expected a positive number"),
 }
@@ -236,3 +245,31 @@ def test_sweep_flags_take_comma_lists(tmp_path):
     assert args.prune == [0.25, 0.5, 0.75]
     assert args.sae == [str(a), "rel:id", str(b)]
     assert run_main(["sweep", "--prune", "0.2,x"]) == 2
+
+
+# ---- every input is checked before a model loads ----------------------------------------------------
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["--model", "default model"])
+@pytest.mark.parametrize("bad", ["missing", "no weights"])
+def test_bad_sae_is_reported_before_the_model_loads(bad, with_model, tiny_llama, text_file, tmp_path, capsys, monkeypatch):
+    import time
+
+    import qdm_engine.audit
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the SAE was checked")
+
+    monkeypatch.setattr(qdm_engine.audit, "load_lm", no_model)
+    sae = tmp_path / "sae"
+    if bad == "no weights":
+        sae.mkdir()
+        (sae / "cfg.json").write_text("{}")
+    args = ["sweep", "--sae", str(sae), "--quiet", "--out", str(tmp_path / "run")]
+    if with_model:
+        args += ["--model", str(tiny_llama), "--text", str(text_file)]
+    t0 = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - t0 < 5.0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(sae) in err[0], err
+    assert not (tmp_path / "run").exists()

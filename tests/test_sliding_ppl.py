@@ -73,3 +73,19 @@ def test_ppl_command_adds_columns_to_a_run(tiny_llama, tiny_sae, text_file, tmp_
     assert fp == null and after.loc[0, "dppl_sliding_pct"] == 0.0
     assert main(["ppl", str(out), "--window", "16", "--stride", "16"]) == 2
     assert "0 < --stride < --window" in capsys.readouterr().err
+
+
+def test_missing_audit_text_is_reported_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import qdm_engine.audit
+    from qdm_engine.analysis.results import write_run
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the run's text was checked")
+
+    monkeypatch.setattr(qdm_engine.audit, "load_lm", no_model)
+    config = {"model": {"load": {"model": "some-model", "gguf_file": None, "trust_remote_code": False}},
+              "tokens": {"text": str(tmp_path / "gone.txt"), "n_blocks": 1, "block_len": 32}, "conditions": [],
+              "device": "cpu", "dtype": "float32"}
+    run = write_run(tmp_path / "run", config, pd.DataFrame({"condition": ["fp"], "ppl": [1.0]}), {})
+    assert main(["ppl", str(run), "--quiet"]) == 2
+    assert "gone.txt' does not exist" in capsys.readouterr().err
