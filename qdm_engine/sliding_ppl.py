@@ -9,8 +9,6 @@ token-weighted), for FP and each compression condition, and adds `ppl_sliding` a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qdm_engine.analysis.results import load_config, load_summary
+from qdm_engine.atomic import replace_file
 from qdm_engine.engine.compression import RTN, FPWeights, MagnitudePrune
 from qdm_engine.engine.models import parse_dtype
 from qdm_engine.engine.perplexity import perplexity, sliding_window_nll
@@ -31,13 +30,6 @@ def _condition(desc: dict):
     if desc["method"] in ("prune", "prune-matched"):
         return MagnitudePrune(float(desc["sparsity"]))
     return None  # the FP-vs-FP null has the FP perplexity
-
-
-def _replace_file(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | None = None,
@@ -89,8 +81,8 @@ def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | No
     summary["dppl_sliding_pct"] = 100.0 * (summary["ppl_sliding"] / ppl["fp"] - 1.0)
     config["sliding_ppl"] = {"window": window, "stride": stride, "tokens": int(ids.numel()), "windows": n_windows,
                              "bos": bos_id is not None}
-    _replace_file(run_dir / "summary.csv", summary.to_csv(index=False))
+    replace_file(run_dir / "summary.csv", summary.to_csv(index=False))
     records = summary.astype(object).where(summary.notna(), None).to_dict(orient="records")
-    _replace_file(run_dir / "summary.json", json.dumps(records, indent=2) + "\n")
-    _replace_file(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    replace_file(run_dir / "summary.json", json.dumps(records, indent=2) + "\n")
+    replace_file(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     return summary

@@ -13,11 +13,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from qdm_engine.atomic import temp_dir_beside
 from qdm_engine.errors import QdmError
 
 FEATURE_COLUMNS = ("feature", "r", "fp_rate", "fp_mean", "fp_peak", "c_rate", "active", "cls")
@@ -48,7 +48,7 @@ def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: di
     """Write a complete run folder atomically (temp folder beside it, then rename)."""
     out = check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = temp_dir_beside(out)  # mode from the umask, as any folder the user makes
     try:
         (tmp / "config.json").write_text(json.dumps(_json_safe(config), indent=2, default=str) + "\n")
         summary.to_csv(tmp / "summary.csv", index=False)
