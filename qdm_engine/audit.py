@@ -305,7 +305,8 @@ def _tables(runs: list[ConditionRun], tags: list[str], th: Thresholds, scored: i
                 **summarize(tables[r.name]), "n_tokens": int(r.moments[i].n), "seconds": r.seconds,
             })
     summary = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
-    summary["bits"] = summary["bits"].astype("Int64")
+    for col in ("bits", "undefined_n"):  # whole numbers with gaps (the FP row): nullable ints, not floats
+        summary[col] = summary[col].astype("Int64")
     return summary, features
 
 

@@ -79,8 +79,15 @@ def load_config(run_dir: str | Path) -> dict:
     return json.loads((_run_dir(run_dir) / "config.json").read_text())
 
 
+# Whole-number summary columns that have gaps (the FP row has no bits): without a nullable integer dtype
+# a CSV reader makes them float, and a rewritten summary would turn bits 8 into 8.0.
+COUNT_COLUMNS = ("bits", "n_active", "undefined_n", "n_tokens")
+
+
 def load_summary(run_dir: str | Path) -> pd.DataFrame:
-    return pd.read_csv(_run_dir(run_dir) / "summary.csv")
+    """summary.csv as the sweep wrote it: count columns as nullable integers (Int64), floats read back exactly."""
+    return pd.read_csv(_run_dir(run_dir) / "summary.csv", dtype={c: "Int64" for c in COUNT_COLUMNS},
+                       float_precision="round_trip")
 
 
 def list_conditions(run_dir: str | Path) -> list[str]:
