@@ -318,15 +318,19 @@ def _add_train_sae(sub) -> None:
                                    "variance explained, dead features, CE loss recovered) and write a SAELens-format "
                                    "folder (cfg.json, sae_weights.safetensors) plus metrics.json. With no --model "
                                    "and no --gguf-file it uses the default model and the default SAE's settings.")
-    p.add_argument("--out", required=True, help="new or empty folder for the SAE")
+    p.add_argument("--out", required=True, help="new or empty folder for the SAE (written under a temporary name, "
+                                                "renamed when complete)")
     p.add_argument("--model", help="local HF model folder (default: the default model)")
     p.add_argument("--gguf-file", help="a GGUF file to dequantize and train on instead")
     p.add_argument("--hook", default="blocks.14.hook_resid_post", help="read-out site, blocks.L.hook_resid_post")
     p.add_argument("--width", type=_positive_int, help="number of features (default: 8 x d_model)")
-    p.add_argument("--text", help="training text file (default: the WikiText-2 train prefix in shared/)")
-    p.add_argument("--eval-text", help="held-out text file (default: the WikiText-2 validation prefix in shared/)")
-    p.add_argument("--tokens", type=_positive_int, default=2_097_152, help="training activations (several epochs "
-                   "when the text is shorter)")
+    p.add_argument("--text", help="training text file (default: the first 1 MB of WikiText-2-raw's train split, "
+                                  "shipped with qdm-engine)")
+    p.add_argument("--eval-text", help="held-out text file (default: the first 100 KB of WikiText-2-raw's "
+                                       "validation split, shipped with qdm-engine)")
+    p.add_argument("--tokens", type=_positive_int, default=2_097_152, help="training activations; the activation "
+                   "cache holds at most this many positions (several epochs when the text is shorter)")
+    p.add_argument("--eval-tokens", type=_positive_int, help="held-out positions evaluated (default: all of --eval-text)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--context-size", type=_positive_int, default=256, help="positions per block, BOS included")
     p.add_argument("--batch-tokens", type=_positive_int, default=1024, help="activations per training step")
@@ -344,7 +348,7 @@ def _run_train_sae(args) -> int:
 
     optional = {"text": args.text, "eval_text": args.eval_text}
     metrics = train_sae(model=args.model, gguf_file=args.gguf_file, hook=args.hook, width=args.width,
-                        tokens=args.tokens, seed=args.seed, out=args.out, context_size=args.context_size,
+                        tokens=args.tokens, eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, context_size=args.context_size,
                         batch_tokens=args.batch_tokens, lr=args.lr, l1_coefficient=args.l1,
                         weights_dtype=args.weights_dtype, work_dir=args.work_dir, progress=not args.quiet,
                         **{k: v for k, v in optional.items() if v is not None})
