@@ -539,7 +539,7 @@ def fig_deciles(group: Group, th: dict, feats: _Features, pair, focus: Condition
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, color=colour, label=label)
         if len(series) == 1 or len(table) <= 10:
             ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8, padding=1)
-    ticks = [f"{int(d) + 1}\n{rate:.1e}" if rate < 0.01 else f"{int(d) + 1}\n{rate:.3f}"
+    ticks = [f"{int(d)}\n{rate:.1e}" if rate < 0.01 else f"{int(d)}\n{rate:.3f}"  # numbered 1..10 by overlap
              for d, rate in zip(table["firing_decile"], table["mean_firing_rate"])]
     ax.set_xticks(x, ticks, fontsize=8.5)
     ax.set_xlabel("FP firing-rate decile (1 = rarest), with its mean firing rate")
