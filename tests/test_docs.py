@@ -52,3 +52,41 @@ def test_cited_sections_exist():
             cited |= set(re.findall(r"\d+", ref))
     assert cited, "no section citations found"
     assert cited <= method_sections(), cited - method_sections()
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `qdm-engine ...` command in the README's bash blocks, split into arguments (comments dropped)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            args = shlex.split(line, comments=True)
+            if args and args[0] == "qdm-engine":
+                commands.append(args[1:])
+    return commands
+
+
+def test_readme_commands_parse():
+    commands = readme_commands()
+    assert len(commands) >= 10
+    for args in commands:
+        build_parser().parse_args(args)  # argparse exits (SystemExit) on a flag that does not exist
+
+
+def test_readme_examples_run_on_the_default_run_folder():
+    """The commands on RUN_DIR name only conditions that the default sweep (`sweep` with no flags) writes."""
+    from qdm_engine.engine.compression import parse_bits
+
+    default_bits = build_parser().parse_args(["sweep"]).bits
+    conditions = {f"int{b}" for b in parse_bits(default_bits)}
+    on_run = [args for args in readme_commands() if "RUN_DIR" in args]
+    assert {args[0] for args in on_run} >= {"report", "predict", "overlap", "thresholds", "ppl"}
+    for args in on_run:
+        parsed = build_parser().parse_args(args)
+        named = [getattr(parsed, flag, None) for flag in ("condition", "a", "b")]
+        for value in named:
+            for name in (value if isinstance(value, list) else [value]):
+                if name is not None:
+                    assert name in conditions, f"README: `qdm-engine {' '.join(args)}` names {name}, not in {conditions}"
