@@ -85,9 +85,8 @@ COUNT_COLUMNS = ("bits", "n_active", "undefined_n", "n_tokens")
 
 
 def load_summary(run_dir: str | Path) -> pd.DataFrame:
-    """summary.csv as the sweep wrote it: count columns as nullable integers (Int64), floats read back exactly."""
-    return pd.read_csv(_run_dir(run_dir) / "summary.csv", dtype={c: "Int64" for c in COUNT_COLUMNS},
-                       float_precision="round_trip")
+    """summary.csv as the sweep wrote it: count columns as nullable integers (Int64)."""
+    return pd.read_csv(_run_dir(run_dir) / "summary.csv", dtype={c: "Int64" for c in COUNT_COLUMNS})
 
 
 def list_conditions(run_dir: str | Path) -> list[str]:
