@@ -95,7 +95,8 @@ def _add_sweep(sub) -> None:
     g.add_argument("--gguf-file", help="a GGUF checkpoint (path, or a file name inside --model's hub repo)")
     g.add_argument("--sae", type=_names, action="extend",
                    help="SAELens SAE: release:sae_id or a folder with cfg.json + sae_weights.safetensors; give a "
-                        "comma list or repeat it to audit several SAEs (at their own sites) from the same forward passes")
+                        "comma list or repeat it to audit several SAEs (at their own sites) from the same forward "
+                        "passes")
     g.add_argument("--hook", help="read-out site, e.g. blocks.6.hook_resid_post (default: the SAE's hook_name)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code from its repo")
     g = p.add_argument_group("tokens")
@@ -165,7 +166,8 @@ def _add_analyses(sub) -> None:
                        help="which features are fragile? logistic regression on FP statistics of a run",
                        description="Predict survival of each active feature from its FP statistics only "
                                    "(rarity, log mean, log peak, log concentration): 5-fold CV ROC AUC, "
-                                   "standardised coefficients, VIF and survival by quartile (docs/METHOD.md section 7).")
+                                   "standardised coefficients, VIF and survival by quartile "
+                                   "(docs/METHOD.md section 7).")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
     p.add_argument("--condition", default="int6", help="condition whose survival is predicted")
     p.add_argument("--recipe", choices=["ours", "paper"], default="ours",
@@ -330,7 +332,8 @@ def _add_train_sae(sub) -> None:
                                        "validation split, shipped with qdm-engine)")
     p.add_argument("--tokens", type=_positive_int, default=2_097_152, help="training activations; the activation "
                    "cache holds at most this many positions (several epochs when the text is shorter)")
-    p.add_argument("--eval-tokens", type=_positive_int, help="held-out positions evaluated (default: all of --eval-text)")
+    p.add_argument("--eval-tokens", type=_positive_int,
+                   help="held-out positions evaluated (default: all of --eval-text)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--context-size", type=_positive_int, default=256, help="positions per block, BOS included")
     p.add_argument("--batch-tokens", type=_positive_int, default=1024, help="activations per training step")
@@ -348,9 +351,10 @@ def _run_train_sae(args) -> int:
 
     optional = {"text": args.text, "eval_text": args.eval_text}
     metrics = train_sae(model=args.model, gguf_file=args.gguf_file, hook=args.hook, width=args.width,
-                        tokens=args.tokens, eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, context_size=args.context_size,
-                        batch_tokens=args.batch_tokens, lr=args.lr, l1_coefficient=args.l1,
-                        weights_dtype=args.weights_dtype, work_dir=args.work_dir, progress=not args.quiet,
+                        tokens=args.tokens, eval_tokens=args.eval_tokens, seed=args.seed, out=args.out,
+                        context_size=args.context_size, batch_tokens=args.batch_tokens, lr=args.lr,
+                        l1_coefficient=args.l1, weights_dtype=args.weights_dtype, work_dir=args.work_dir,
+                        progress=not args.quiet,
                         **{k: v for k, v in optional.items() if v is not None})
     ev = metrics.get("eval", {})
     print(f"{args.out}: {metrics['d_sae']} features at {metrics['hook_name']}, {metrics['training_steps']} steps; "

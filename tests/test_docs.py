@@ -48,7 +48,8 @@ def test_cited_sections_exist():
     sources = [all_help()] + [p.read_text(encoding="utf-8") for p in (ROOT / "qdm_engine").rglob("*.py")]
     cited = set()
     for text in sources:
-        for ref in re.findall(r"METHOD\.md(?:'s)?\s+sections?\s+(\d+(?:\s*(?:,|and)\s*\d+)*)", re.sub(r"\s+", " ", text)):
+        flat = re.sub(r"\s+", " ", text)
+        for ref in re.findall(r"METHOD\.md(?:'s)?\s+sections?\s+(\d+(?:\s*(?:,|and)\s*\d+)*)", flat):
             cited |= set(re.findall(r"\d+", ref))
     assert cited, "no section citations found"
     assert cited <= method_sections(), cited - method_sections()
@@ -89,4 +90,5 @@ def test_readme_examples_run_on_the_default_run_folder():
         for value in named:
             for name in (value if isinstance(value, list) else [value]):
                 if name is not None:
-                    assert name in conditions, f"README: `qdm-engine {' '.join(args)}` names {name}, not in {conditions}"
+                    assert name in conditions, \
+                        f"README: `qdm-engine {' '.join(args)}` names {name}, not in {conditions}"

@@ -5,6 +5,7 @@ import pytest
 import torch
 from qdm_testing import D_MODEL, N_LAYERS, tiny_config
 
+from qdm_engine.atomic import current_umask
 from qdm_engine.engine.training import (
     decoder_layers_path,
     evaluate_sae,
@@ -135,6 +136,9 @@ def test_tiny_training_run(tiny_llama, text_file, tmp_path, monkeypatch):
     assert metrics["activation_cache_reused"] is True  # the failed run's cache, in the work dir
     assert metrics["cached_positions"] == 6144  # what --tokens asks for (192 blocks of 32), not the whole text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae", "work"]
+    umask = current_umask()  # the folder and its files get the umask's modes (safetensors alone writes 0600)
+    assert [oct(p.stat().st_mode & 0o777) for p in (out, *sorted(out.iterdir()))] == \
+        [oct(0o777 & ~umask)] + [oct(0o666 & ~umask)] * 3
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "metrics.json", "sae_weights.safetensors"]
     sae = SAE.load_from_disk(str(out), device="cpu")
     assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
