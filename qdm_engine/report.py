@@ -201,6 +201,14 @@ def _fmt(v: float, spec: str) -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
 
 
+def _pct_decimals(values) -> int:
+    """Decimals for a figure's percentage labels: one when every share is small (< 10) or every share is
+    near 100 (> 90), where whole numbers would hide the differences the bars show; none otherwise."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return 1 if v.size and (v.max() < 10 or v.min() > 90) else 0
+
+
 def _pct_label(v: float, decimals: int = 0) -> str:
     """A percentage for a bar label that never rounds a share to 0 or 100 when it is not exactly that.
 
@@ -209,6 +217,8 @@ def _pct_label(v: float, decimals: int = 0) -> str:
     """
     if v is None or not math.isfinite(v):
         return ""
+    if v in (0.0, 100.0):
+        return f"{v:.0f}"
     text = f"{v:.{decimals}f}"
     edge_low, edge_high = float(text) == 0.0 and v > 0.0, float(text) == 100.0 and v < 100.0
     if edge_low or edge_high:
@@ -603,10 +613,11 @@ def fig_deciles(group: Group, th: dict, feats: _Features, pair, focus: Condition
     ax = fig.add_subplot()
     x = np.arange(len(table))
     width = 0.8 / len(series)
+    decimals = _pct_decimals(np.concatenate([np.asarray(v, dtype=float) for _, v, _ in series]))
     for i, (label, values, colour) in enumerate(series):
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, color=colour, label=label)
         if len(series) == 1 or len(table) <= 10:
-            ax.bar_label(bars, labels=[_pct_label(v) for v in values], fontsize=8, padding=1)
+            ax.bar_label(bars, labels=[_pct_label(v, decimals) for v in values], fontsize=8, padding=1)
     ticks = [f"{int(d)}\n{rate:.1e}" if rate < 0.01 else f"{int(d)}\n{rate:.3f}"  # numbered 1..10 by overlap
              for d, rate in zip(table["firing_decile"], table["mean_firing_rate"])]
     ax.set_xticks(x, ticks, fontsize=8.5)
@@ -703,13 +714,14 @@ def fig_predictor(group: Group, th: dict, feats: _Features, focus: Condition | N
     ax = fig.add_subplot()
     stats = [s for s in STATISTICS if s in set(q["statistic"])]
     width = 0.2
+    decimals = _pct_decimals(q[q["statistic"].isin(stats)]["survived_pct"])
     for k in range(4):
         values = [q[(q["statistic"] == s) & (q["quartile"] == k)]["survived_pct"] for s in stats]
         values = [float(v.iloc[0]) if len(v) else np.nan for v in values]
         bars = ax.bar(np.arange(len(stats)) + (k - 1.5) * width, values, width, color=QUARTILE_COLOURS[k],
                       label=f"Q{k + 1}" + (" (lowest)" if k == 0 else " (highest)" if k == 3 else ""),
                       edgecolor="white", linewidth=0.5)
-        ax.bar_label(bars, labels=[_pct_label(v) for v in values], fontsize=8, padding=1)
+        ax.bar_label(bars, labels=[_pct_label(v, decimals) for v in values], fontsize=8, padding=1)
     ax.set_xticks(np.arange(len(stats)), [STAT_LABELS.get(s, s) for s in stats])
     ax.set_ylabel("features survived (% of quartile)")
     ax.set_title(f"{focus.short}: survival by quartile", fontsize=11, pad=26)

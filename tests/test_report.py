@@ -322,11 +322,20 @@ def drawn(monkeypatch):
 @pytest.mark.parametrize("value,decimals,label", [
     (0.0, 0, "0"), (0.33, 0, "0.3"), (0.04, 0, "<0.1"), (45.4, 0, "45"), (99.7, 0, "99.7"), (99.97, 0, ">99.9"),
     (100.0, 0, "100"), (float("nan"), 0, ""), (0.03, 1, "0.03"), (99.96, 1, "99.96"), (12.34, 1, "12.3"),
+    (0.0, 1, "0"), (100.0, 1, "100"),
 ])
 def test_percentage_labels_never_round_to_an_edge(value, decimals, label):
     from qdm_engine.report import _pct_label
 
     assert _pct_label(value, decimals) == label
+
+
+@pytest.mark.parametrize("values,decimals", [([0, 0.5, 3.6], 1), ([97.5, 99.9, 100], 1), ([0, 45, 100], 0),
+                                             ([float("nan"), 2.0], 1), ([], 0)])
+def test_percentage_label_decimals_per_figure(values, decimals):
+    from qdm_engine.report import _pct_decimals
+
+    assert _pct_decimals(values) == decimals
 
 
 def test_small_decile_shares_are_not_labelled_zero(tmp_path, drawn):
