@@ -29,7 +29,7 @@ from qdm_engine.engine.compress import (
 from qdm_engine.engine.compress.rtn import RTN
 from qdm_engine.engine.compress.sparsity import MagnitudePrune
 from qdm_engine.engine.models import (
-    decoder_layers, hf_progress_bars, load_model, model_identity, parse_dtype, parse_hook,
+    check_model_source, decoder_layers, hf_progress_bars, load_model, model_identity, parse_dtype, parse_hook,
 )
 from qdm_engine.engine.perplexity import perplexity
 from qdm_engine.engine.runner import ConditionRun, auto_batch_size, run_conditions
@@ -204,7 +204,7 @@ def sweep(
 
     `sae` may be a list: every SAE is read at its own site from the same forward passes, and its
     conditions are named `<sae-tag>/<condition>`. `prune_matched='int6'` adds magnitude pruning at the
-    sparsity whose held-out perplexity matches RTN INT6 (bisection, METHOD.md section 3). `ppl=False`
+    sparsity whose held-out perplexity matches RTN INT6 (bisection, docs/METHOD.md section 3). `ppl=False`
     stops each forward at the deepest read-out (features only). Under torchrun the blocks are sharded
     over ranks. Returns the summary and per-feature tables; with `out`, rank 0 also writes the run folder.
     """
@@ -248,10 +248,11 @@ def sweep(
     if text is None:
         text = str(default.DEFAULT_TEXT)
     text_str = read_text(text)  # fail fast on a bad text, before any model loads
-    calib_str = read_text(calib_text) if calib_text is not None else None
+    calib_str = read_text(calib_text, flag="--calib-text") if calib_text is not None else None
+    check_model_source(model, gguf_file)
+    saes = [load_sae(s, device=device) for s in (sae_specs or [default.DEFAULT_SAE_DIR])]  # before the model
 
     lm, tok, model_id = load_lm(model, gguf_file, torch_dtype, device, trust_remote_code, progress)
-    saes = [load_sae(s, device=device) for s in (sae_specs or [default.DEFAULT_SAE_DIR])]
     hooks = [hook or s.hook_name for s in saes]
     n_layers = len(decoder_layers(lm))
     for s, h in zip(saes, hooks):
@@ -387,7 +388,8 @@ def _tables(runs: list[ConditionRun], tags: list[str], th: Thresholds, scored: i
                 "compress_seconds": r.compress_seconds,
             })
     summary = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
-    summary["bits"] = summary["bits"].astype("Int64")
+    for col in ("bits", "undefined_n"):  # whole numbers with gaps (the FP row): nullable ints, not floats
+        summary[col] = summary[col].astype("Int64")
     return summary, features
 
 

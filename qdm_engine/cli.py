@@ -16,10 +16,16 @@ from qdm_engine.errors import QdmError
 
 
 class _Help(argparse.HelpFormatter):
-    """Shows a flag's default only when it has a real one (not None, False or an empty list)."""
+    """Shows a flag's default only when it has a real one (not None, False or an empty list).
+
+    A switch (store_true/store_false) takes no value, so its stored default says nothing a user can
+    type: `--no-bos` storing True by default would read "(default: True)". Its help says what it does.
+    """
 
     def _get_help_string(self, action):
         text = action.help or ""
+        if action.nargs == 0:
+            return text
         if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
@@ -40,6 +46,21 @@ def _positive_int(s: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
     return v
+
+
+def _floats(s: str) -> list[float]:
+    """A comma list of numbers, e.g. 0.1,0.25 (for a flag that takes several values)."""
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.1 or 0.1,0.25, got '{s}'") from None
+
+
+def _names(s: str) -> list[str]:
+    """A comma list of names (for a flag that takes several values); a path that exists is one name."""
+    if os.path.exists(os.path.expanduser(s)):
+        return [s]
+    return [v.strip() for v in s.split(",") if v.strip()]
 
 
 def _count_or_auto(s: str):
@@ -76,8 +97,8 @@ def _add_sweep(sub) -> None:
     g.add_argument("--match", action="append", default=[], metavar="SPEC@CONDITION",
                    help="also audit a pruning method at the sparsity whose held-out perplexity matches a "
                         "condition's, e.g. wanda@int6 or magnitude@gptq-w4g128 (6-step bisection over 0..0.8)")
-    g.add_argument("--prune", type=float, action="append", default=[], metavar="S",
-                   help="also audit per-tensor magnitude pruning at sparsity S (repeatable)")
+    g.add_argument("--prune", type=_floats, action="extend", default=[], metavar="S",
+                   help="also audit per-tensor magnitude pruning at sparsity S (a comma list, or repeat it)")
     g.add_argument("--prune-matched", metavar="intB",
                    help="also audit magnitude pruning at the sparsity whose held-out perplexity matches RTN "
                         "intB (6-step bisection over 0..0.8 on blocks disjoint from the audit's)")
@@ -89,9 +110,10 @@ def _add_sweep(sub) -> None:
     g = p.add_argument_group("model and SAE")
     g.add_argument("--model", help="transformers causal LM: hub id or local folder (default: the embedded model)")
     g.add_argument("--gguf-file", help="a GGUF checkpoint (path, or a file name inside --model's hub repo)")
-    g.add_argument("--sae", action="append",
-                   help="SAELens SAE: release:sae_id or a folder with cfg.json + sae_weights.safetensors; repeat "
-                        "it to audit several SAEs (at their own sites) from the same forward passes")
+    g.add_argument("--sae", type=_names, action="extend",
+                   help="SAELens SAE: release:sae_id or a folder with cfg.json + sae_weights.safetensors; give a "
+                        "comma list or repeat it to audit several SAEs (at their own sites) from the same forward "
+                        "passes")
     g.add_argument("--hook", help="read-out site, e.g. blocks.6.hook_resid_post (default: the SAE's hook_name)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code from its repo")
     g = p.add_argument_group("tokens")
@@ -165,7 +187,8 @@ def _add_analyses(sub) -> None:
                        help="which features are fragile? logistic regression on FP statistics of a run",
                        description="Predict survival of each active feature from its FP statistics only "
                                    "(rarity, log mean, log peak, log concentration): 5-fold CV ROC AUC, "
-                                   "standardised coefficients, VIF and survival by quartile (METHOD.md section 7).")
+                                   "standardised coefficients, VIF and survival by quartile "
+                                   "(docs/METHOD.md section 7).")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
     p.add_argument("--condition", default="int6", help="condition whose survival is predicted")
     p.add_argument("--recipe", choices=["ours", "paper"], default="ours",
@@ -174,7 +197,7 @@ def _add_analyses(sub) -> None:
 
     p = sub.add_parser("overlap", formatter_class=_Help,
                        help="do two conditions damage the same features? Jaccard, damage correlation, deciles",
-                       description="Compare two conditions of one run (METHOD.md section 8): Jaccard of the "
+                       description="Compare two conditions of one run (docs/METHOD.md section 8): Jaccard of the "
                                    "non-survived, damaged and degraded sets, Pearson and Spearman of damage "
                                    "scores, and non-survival by FP firing-rate decile.")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
@@ -187,7 +210,8 @@ def _add_analyses(sub) -> None:
                        description="Recount the taxonomy for survival thresholds 0.80-0.95 x damage thresholds "
                                    "0.3-0.7 from a run's per-feature tables, without rerunning any model.")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
-    p.add_argument("--condition", action="append", help="condition(s) to tabulate (default: all)")
+    p.add_argument("--condition", type=_names, action="extend",
+                   help="condition(s) to tabulate, a comma list like int4,int5 or repeated (default: all)")
     p.set_defaults(func=_run_thresholds)
 
 
@@ -317,15 +341,20 @@ def _add_train_sae(sub) -> None:
                                    "variance explained, dead features, CE loss recovered) and write a SAELens-format "
                                    "folder (cfg.json, sae_weights.safetensors) plus metrics.json. With no --model "
                                    "and no --gguf-file it uses the default model and the default SAE's settings.")
-    p.add_argument("--out", required=True, help="new or empty folder for the SAE")
+    p.add_argument("--out", required=True, help="new or empty folder for the SAE (written under a temporary name, "
+                                                "renamed when complete)")
     p.add_argument("--model", help="local HF model folder (default: the default model)")
     p.add_argument("--gguf-file", help="a GGUF file to dequantize and train on instead")
     p.add_argument("--hook", default="blocks.14.hook_resid_post", help="read-out site, blocks.L.hook_resid_post")
     p.add_argument("--width", type=_positive_int, help="number of features (default: 8 x d_model)")
-    p.add_argument("--text", help="training text file (default: the WikiText-2 train prefix in shared/)")
-    p.add_argument("--eval-text", help="held-out text file (default: the WikiText-2 validation prefix in shared/)")
-    p.add_argument("--tokens", type=_positive_int, default=2_097_152, help="training activations (several epochs "
-                   "when the text is shorter)")
+    p.add_argument("--text", help="training text file (default: the first 1 MB of WikiText-2-raw's train split, "
+                                  "shipped with qdm-engine)")
+    p.add_argument("--eval-text", help="held-out text file (default: the first 100 KB of WikiText-2-raw's "
+                                       "validation split, shipped with qdm-engine)")
+    p.add_argument("--tokens", type=_positive_int, default=2_097_152, help="training activations; the activation "
+                   "cache holds at most this many positions (several epochs when the text is shorter)")
+    p.add_argument("--eval-tokens", type=_positive_int,
+                   help="held-out positions evaluated (default: all of --eval-text)")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--context-size", type=_positive_int, default=256, help="positions per block, BOS included")
     p.add_argument("--batch-tokens", type=_positive_int, default=1024, help="activations per training step")
@@ -343,9 +372,10 @@ def _run_train_sae(args) -> int:
 
     optional = {"text": args.text, "eval_text": args.eval_text}
     metrics = train_sae(model=args.model, gguf_file=args.gguf_file, hook=args.hook, width=args.width,
-                        tokens=args.tokens, seed=args.seed, out=args.out, context_size=args.context_size,
-                        batch_tokens=args.batch_tokens, lr=args.lr, l1_coefficient=args.l1,
-                        weights_dtype=args.weights_dtype, work_dir=args.work_dir, progress=not args.quiet,
+                        tokens=args.tokens, eval_tokens=args.eval_tokens, seed=args.seed, out=args.out,
+                        context_size=args.context_size, batch_tokens=args.batch_tokens, lr=args.lr,
+                        l1_coefficient=args.l1, weights_dtype=args.weights_dtype, work_dir=args.work_dir,
+                        progress=not args.quiet,
                         **{k: v for k, v in optional.items() if v is not None})
     ev = metrics.get("eval", {})
     print(f"{args.out}: {metrics['d_sae']} features at {metrics['hook_name']}, {metrics['training_steps']} steps; "
@@ -398,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qdm-engine",
         description="Does a compressed language model keep its SAE features? A feature-by-feature audit.",
+        epilog="The method (formulas, defaults, changes from the paper) is docs/METHOD.md in the qdm-engine "
+               "repository; the help cites its sections.",
     )
     parser.add_argument("--version", action="version", version=f"qdm-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -205,6 +205,37 @@ def _fmt(v: float, spec: str) -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
 
 
+def _pct_decimals(values) -> int:
+    """Decimals for a figure's percentage labels: one when every share is small (< 10) or every share is
+    near 100 (> 90), where whole numbers would hide the differences the bars show; none otherwise."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return 1 if v.size and (v.max() < 10 or v.min() > 90) else 0
+
+
+def _pct_label(v: float, decimals: int = 0) -> str:
+    """A percentage for a bar label that never rounds a share to 0 or 100 when it is not exactly that.
+
+    0.3% of a decile failing is not "0", and 99.7% surviving is not "100": those get one more decimal,
+    or "<0.1" / ">99.9" when even that would round to the edge.
+    """
+    if v is None or not math.isfinite(v):
+        return ""
+    if v in (0.0, 100.0):
+        return f"{v:.0f}"
+    text = f"{v:.{decimals}f}"
+    edge_low, edge_high = float(text) == 0.0 and v > 0.0, float(text) == 100.0 and v < 100.0
+    if edge_low or edge_high:
+        finer = f"{v:.{decimals + 1}f}"
+        step = 10.0 ** -(decimals + 1)
+        if edge_low and float(finer) == 0.0:
+            return f"<{step:.{decimals + 1}f}"
+        if edge_high and float(finer) == 100.0:
+            return f">{100 - step:.{decimals + 1}f}"
+        return finer
+    return text
+
+
 def fig_taxonomy(group: Group, th: dict) -> Figure:
     f = Figure(
         "taxonomy",
@@ -238,7 +269,7 @@ def fig_taxonomy(group: Group, th: dict) -> Figure:
         values = np.nan_to_num(np.asarray(values, dtype=float))
         bars = ax.barh(y, values, left=left, color=CLASS_COLOURS[cls], label=cls, height=0.7,
                        edgecolor="white", linewidth=0.6)
-        labels = [f"{v:.1f}" if v >= 7 else "" for v in values]
+        labels = [_pct_label(v, 1) if v >= 7 else "" for v in values]
         ax.bar_label(bars, labels=labels, label_type="center", fontsize=9,
                      color="black" if cls == "degraded" else "white")
         left += values
@@ -274,30 +305,77 @@ def fig_correlation_by_bits(group: Group, th: dict) -> Figure:
     median_r = np.array([c.value("median_r") for c in rtn])
     fig = _new_figure()
     ax = fig.add_subplot()
-    ax.plot(bits, mean_r, "o-", color=BLUE, lw=2, ms=7, label="mean r")
+    curves = [ax.plot(bits, mean_r, "o-", color=BLUE, lw=2, ms=7, label="mean r")[0]]
     if np.isfinite(median_r).any():
-        ax.plot(bits, median_r, "s--", color=ORANGE, lw=1.5, ms=6, label="median r")
-    for b, v in zip(bits, mean_r):
-        ax.annotate(f"{v:.3f}", (b, v), textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9,
-                    color=BLUE, bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.85))
+        curves += ax.plot(bits, median_r, "s--", color=ORANGE, lw=1.5, ms=6, label="median r")
+    values = [ax.annotate(f"{v:.3f}", (b, v), textcoords="offset points", xytext=(0, -16), ha="center", fontsize=9,
+                          color=BLUE, bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.85))
+              for b, v in zip(bits, mean_r)]
     lo = float(np.nanmin(np.concatenate([mean_r, median_r])))
     lo = min(lo, th["survived"]) - 0.06  # the damaged line only when the curves come near it
     ax.set_ylim(lo, 1.02)
-    for value, what in ((th["survived"], "survived"), (th["damaged"], "damaged")):
-        if lo < value < 1.02:
-            ax.axhline(value, color=GREY, ls=":", lw=1)
-            ax.annotate(f"{what} threshold ({value:g})", (0.995, value), xycoords=("axes fraction", "data"),
-                        ha="right", va="bottom", fontsize=8.5, color="#555555")
+    lines = [(value, what) for value, what in ((th["survived"], "survived"), (th["damaged"], "damaged"))
+             if lo < value < 1.02]
+    for value, _ in lines:
+        ax.axhline(value, color=GREY, ls=":", lw=1)
     ax.set_xticks(bits, [f"INT{b}" for b in bits])
     ax.set_xlim(bits.max() + 0.4, bits.min() - 0.4)
     ax.set_xlabel("RTN weight precision (bits per weight)")
     ax.set_ylabel("correlation with FP activations (Pearson r)")
     _style(ax)
     ax.legend(loc="lower left", frameon=False)
+    _label_thresholds(fig, ax, lines, curves, values)
     f.draw(fig)
     f.alt = "Mean feature correlation by RTN bit width: " + ", ".join(
         f"INT{b} {v:.3f}" for b, v in zip(bits, mean_r))
     return f
+
+
+def _label_thresholds(fig, ax, lines, curves, taken_texts) -> None:
+    """Name each threshold line where no curve, marker, value label or legend crosses the name.
+
+    The first free spot of: right end above the line, right end below, left end above and below, the
+    middle above and below (the curves usually fall through a threshold near the low-bit end, where a
+    fixed right-hand label would be crossed). The layout is fixed first so measured boxes stay put.
+    """
+    from matplotlib.path import Path as MplPath
+    from matplotlib.transforms import Bbox
+
+    if not lines:
+        return
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+    renderer = fig.canvas.get_renderer()
+    paths, boxes = [], [t.get_window_extent(renderer) for t in taken_texts]
+    for curve in curves:
+        xy = ax.transData.transform(np.column_stack(curve.get_data()).astype(float))
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        paths.append(MplPath(xy))
+        half = curve.get_markersize() * fig.dpi / 72.0 / 2 + 1
+        boxes += [Bbox.from_extents(x - half, y - half, x + half, y + half) for x, y in xy]
+    if ax.get_legend() is not None:
+        boxes.append(ax.get_legend().get_window_extent(renderer))
+    inside = ax.get_window_extent(renderer)
+    spots = [(0.995, "right", 3, "bottom"), (0.995, "right", -3, "top"), (0.005, "left", 3, "bottom"),
+             (0.005, "left", -3, "top"), (0.5, "center", 3, "bottom"), (0.5, "center", -3, "top")]
+    for value, what in lines:
+        chosen = None
+        for x, ha, dy, va in spots:
+            t = ax.annotate(f"{what} threshold ({value:g})", (x, value), xycoords=("axes fraction", "data"),
+                            textcoords="offset points", xytext=(0, dy), ha=ha, va=va, fontsize=8.5, color="#555555")
+            box = t.get_window_extent(renderer).expanded(1.0, 1.0).padded(1.5)
+            free = (not any(p.intersects_bbox(box, filled=False) for p in paths)
+                    and not any(box.overlaps(b) for b in boxes)
+                    and inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1)
+            if chosen is None or free:
+                if chosen is not None:
+                    chosen[0].remove()
+                chosen = (t, box)
+                if free:
+                    break
+            else:
+                t.remove()
+        boxes.append(chosen[1])
 
 
 def fig_dissociation(group: Group, th: dict) -> Figure:
@@ -539,11 +617,12 @@ def fig_deciles(group: Group, th: dict, feats: _Features, pair, focus: Condition
     ax = fig.add_subplot()
     x = np.arange(len(table))
     width = 0.8 / len(series)
+    decimals = _pct_decimals(np.concatenate([np.asarray(v, dtype=float) for _, v, _ in series]))
     for i, (label, values, colour) in enumerate(series):
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, color=colour, label=label)
         if len(series) == 1 or len(table) <= 10:
-            ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8, padding=1)
-    ticks = [f"{int(d) + 1}\n{rate:.1e}" if rate < 0.01 else f"{int(d) + 1}\n{rate:.3f}"
+            ax.bar_label(bars, labels=[_pct_label(v, decimals) for v in values], fontsize=8, padding=1)
+    ticks = [f"{int(d)}\n{rate:.1e}" if rate < 0.01 else f"{int(d)}\n{rate:.3f}"  # numbered 1..10 by overlap
              for d, rate in zip(table["firing_decile"], table["mean_firing_rate"])]
     ax.set_xticks(x, ticks, fontsize=8.5)
     ax.set_xlabel("FP firing-rate decile (1 = rarest), with its mean firing rate")
@@ -639,14 +718,14 @@ def fig_predictor(group: Group, th: dict, feats: _Features, focus: Condition | N
     ax = fig.add_subplot()
     stats = [s for s in STATISTICS if s in set(q["statistic"])]
     width = 0.2
+    decimals = _pct_decimals(q[q["statistic"].isin(stats)]["survived_pct"])
     for k in range(4):
         values = [q[(q["statistic"] == s) & (q["quartile"] == k)]["survived_pct"] for s in stats]
         values = [float(v.iloc[0]) if len(v) else np.nan for v in values]
         bars = ax.bar(np.arange(len(stats)) + (k - 1.5) * width, values, width, color=QUARTILE_COLOURS[k],
                       label=f"Q{k + 1}" + (" (lowest)" if k == 0 else " (highest)" if k == 3 else ""),
                       edgecolor="white", linewidth=0.5)
-        ax.bar_label(bars, labels=["" if not math.isfinite(v) else f"{v:.0f}" for v in values],
-                     fontsize=8, padding=1)
+        ax.bar_label(bars, labels=[_pct_label(v, decimals) for v in values], fontsize=8, padding=1)
     ax.set_xticks(np.arange(len(stats)), [STAT_LABELS.get(s, s) for s in stats])
     ax.set_ylabel("features survived (% of quartile)")
     ax.set_title(f"{focus.short}: survival by quartile", fontsize=11, pad=26)

@@ -1,7 +1,7 @@
 """`qdm-engine ppl`: sliding-window perplexity for the conditions of a finished run.
 
 Reloads the run's model (from config.json), walks the run's own audit text with a sliding window
-(METHOD.md section 6: window W, stride S, BOS at the start of each window, only new targets scored,
+(docs/METHOD.md section 6: window W, stride S, BOS at the start of each window, only new targets scored,
 token-weighted), for FP and each compression condition, and adds `ppl_sliding` and
 `dppl_sliding_pct` columns to the run's summary (rewritten atomically).
 """
@@ -9,8 +9,6 @@ token-weighted), for FP and each compression condition, and adds `ppl_sliding` a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qdm_engine.analysis.results import load_config, load_summary
+from qdm_engine.atomic import replace_file
 from qdm_engine.engine.compression import RTN, FPWeights, MagnitudePrune, parse_method
 from qdm_engine.engine.models import parse_dtype
 from qdm_engine.engine.perplexity import perplexity, sliding_window_nll
@@ -38,13 +37,6 @@ def _condition(desc: dict):
     raise QdmError(f"condition {desc.get('name')} of this run records no spec; rerun the sweep with this version")
 
 
-def _replace_file(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | None = None,
                 device: str | None = None, dtype: str | None = None, progress: bool = True,
                 log=print) -> pd.DataFrame:
@@ -60,8 +52,8 @@ def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | No
         raise QdmError(f"run '{run_dir}' records no model loading arguments; rerun the sweep with this version")
     device = device or config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype or config.get("dtype"), device)
+    text = read_text(config["tokens"]["text"])  # every input is checked before the model loads
     lm, tok, _ = load_lm(load["model"], load["gguf_file"], torch_dtype, device, load["trust_remote_code"], progress)
-    text = read_text(config["tokens"]["text"])
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     bos_id = tok.bos_token_id if config["tokens"].get("bos", True) else None
     cfg = config["tokens"]
@@ -98,8 +90,8 @@ def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | No
     summary["dppl_sliding_pct"] = 100.0 * (summary["ppl_sliding"] / ppl["fp"] - 1.0)
     config["sliding_ppl"] = {"window": window, "stride": stride, "tokens": int(ids.numel()), "windows": n_windows,
                              "bos": bos_id is not None}
-    _replace_file(run_dir / "summary.csv", summary.to_csv(index=False))
+    replace_file(run_dir / "summary.csv", summary.to_csv(index=False))
     records = summary.astype(object).where(summary.notna(), None).to_dict(orient="records")
-    _replace_file(run_dir / "summary.json", json.dumps(records, indent=2) + "\n")
-    _replace_file(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    replace_file(run_dir / "summary.json", json.dumps(records, indent=2) + "\n")
+    replace_file(run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     return summary

@@ -2,7 +2,7 @@
 
 One sweep of FP and one condition over the largest budget keeps each batch's per-feature moments;
 budgets are prefixes of those batches and subsets are random draws of them, each merged and classified
-as a separate audit would be (METHOD.md section 9). No model is rerun per budget or subset.
+as a separate audit would be (docs/METHOD.md section 9). No model is rerun per budget or subset.
 """
 
 from __future__ import annotations

@@ -92,10 +92,15 @@ def odd_inputs(tmp_path_factory):
     opt.save_pretrained(base / "opt")
     tok.save_pretrained(base / "opt")
     (base / "empty.txt").write_text("\n  \n")
+    (base / "empty-model").mkdir()
+    (base / "no-tokenizer").mkdir()
+    (base / "no-tokenizer" / "config.json").write_text((base / "opt" / "config.json").read_text())
     return {
         "sae16": build_sae(base / "sae16", d_in=16),
         "opt": base / "opt",
         "empty": base / "empty.txt",
+        "empty_model": base / "empty-model",
+        "no_tokenizer": base / "no-tokenizer",
     }
 
 
@@ -111,6 +116,10 @@ ERROR_CASES = {
     "group": (lambda i: dict(extra=["--method", "rtn:bits=4,group=48"]), "rtn group size 48 does not divide the width 32"),
     "model path": (lambda i: dict(model=i["empty"].parent / "no-model"), "model path .* does not exist"),
     "sae path": (lambda i: dict(sae=i["empty"].parent / "no-sae"), "SAE .* does not exist"),
+    "empty model folder": (lambda i: dict(model=i["empty_model"]),
+                           "model folder '.*empty-model' is empty; pass to --model a folder written by transformers"),
+    "model folder without tokenizer": (lambda i: dict(model=i["no_tokenizer"]),
+                                       "model folder '.*no-tokenizer' has no tokenizer files"),
     "prune": (lambda i: dict(extra=["--prune", "1.5"]), "sparsity must be in \\[0, 1\\)"),
     "batch": (lambda i: dict(extra=["--batch-size", "0"]), "expected a positive number"),
 }
@@ -196,3 +205,81 @@ def test_a_family_without_a_hand_written_map_is_compressed(odd_inputs, tiny_sae,
     assert run_main(sweep_args(odd_inputs["opt"], tiny_sae, text_file, out, "--bits", "4")) == 0
     summary = pd.read_csv(out / "summary.csv")
     assert summary["condition"].tolist() == ["fp", "int4"] and summary["mean_r"].iloc[1] < 1.0
+
+
+# ---- help text ---------------------------------------------------------------------------------------
+
+def _subcommand_helps():
+    import argparse
+
+    from qdm_engine.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_help_shows_no_default_for_switches():
+    """--no-bos and --no-ppl store True when absent; their help must not read '(default: True)'."""
+    for name, parser in _subcommand_helps().items():
+        for action in parser._actions:
+            if action.nargs == 0 and action.option_strings and action.help:
+                formatted = parser._get_formatter()._get_help_string(action)
+                assert "(default:" not in formatted, (name, action.option_strings)
+    text = " ".join(_subcommand_helps()["sweep"].format_help().split())
+    assert "(default: True)" not in text and "(default: False)" not in text
+    assert "--tokens TOKENS token budget (positions, BOS included); auto: 8192 on CPU, 131072 on CUDA (default: auto)" in text
+
+
+# ---- flags that take several values accept a comma list ---------------------------------------------
+
+def test_thresholds_takes_a_comma_list_of_conditions(run, capsys):
+    _, out = run
+    assert main(["thresholds", str(out), "--condition", "int4", "--condition", "int5"]) == 0
+    repeated = capsys.readouterr().out
+    assert main(["thresholds", str(out), "--condition", "int4,int5"]) == 0
+    listed = capsys.readouterr().out
+    assert listed == repeated and "int4" in listed and "int5" in listed
+    assert len(listed.strip().splitlines()) == 1 + 2 * 4 * 5
+    assert main(["thresholds", str(out), "--condition", "int4,int9"]) == 2
+    assert "condition 'int9' is not in run" in capsys.readouterr().err
+
+
+def test_sweep_flags_take_comma_lists(tmp_path):
+    from qdm_engine.cli import build_parser
+
+    a, b = tmp_path / "sae-a", tmp_path / "sae,b"  # a folder whose name holds a comma stays one SAE
+    a.mkdir(), b.mkdir()
+    args = build_parser().parse_args(["sweep", "--prune", "0.25,0.5", "--prune", "0.75",
+                                      "--sae", f"{a},rel:id", "--sae", str(b)])
+    assert args.prune == [0.25, 0.5, 0.75]
+    assert args.sae == [str(a), "rel:id", str(b)]
+    assert run_main(["sweep", "--prune", "0.2,x"]) == 2
+
+
+# ---- every input is checked before a model loads ----------------------------------------------------
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["--model", "default model"])
+@pytest.mark.parametrize("bad", ["missing", "no weights"])
+def test_bad_sae_is_reported_before_the_model_loads(bad, with_model, tiny_llama, text_file, tmp_path, capsys, monkeypatch):
+    import time
+
+    import qdm_engine.audit
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the SAE was checked")
+
+    monkeypatch.setattr(qdm_engine.audit, "load_lm", no_model)
+    sae = tmp_path / "sae"
+    if bad == "no weights":
+        sae.mkdir()
+        (sae / "cfg.json").write_text("{}")
+    args = ["sweep", "--sae", str(sae), "--quiet", "--out", str(tmp_path / "run")]
+    if with_model:
+        args += ["--model", str(tiny_llama), "--text", str(text_file)]
+    t0 = time.perf_counter()
+    assert main(args) == 2
+    assert time.perf_counter() - t0 < 5.0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(sae) in err[0], err
+    assert not (tmp_path / "run").exists()

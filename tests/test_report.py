@@ -299,3 +299,83 @@ def test_page_renders_in_headless_chromium(tmp_path, full_report):
     assert check_png(shot.read_bytes()) == (1200, 3000)
     with Image.open(shot) as im:  # the page drew something: not one flat colour
         assert len(im.convert("L").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
+
+
+# ---- what the figures say: labels, thresholds, decile numbers ---------------------------------------
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """make_report's matplotlib figures by key, kept as they were when rendered."""
+    from qdm_engine import report
+
+    figures = {}
+    real_draw = report.Figure.draw
+
+    def keep(self, fig):
+        figures[self.key] = fig
+        real_draw(self, fig)
+
+    monkeypatch.setattr(report.Figure, "draw", keep)
+    return figures
+
+
+@pytest.mark.parametrize("value,decimals,label", [
+    (0.0, 0, "0"), (0.33, 0, "0.3"), (0.04, 0, "<0.1"), (45.4, 0, "45"), (99.7, 0, "99.7"), (99.97, 0, ">99.9"),
+    (100.0, 0, "100"), (float("nan"), 0, ""), (0.03, 1, "0.03"), (99.96, 1, "99.96"), (12.34, 1, "12.3"),
+    (0.0, 1, "0"), (100.0, 1, "100"),
+])
+def test_percentage_labels_never_round_to_an_edge(value, decimals, label):
+    from qdm_engine.report import _pct_label
+
+    assert _pct_label(value, decimals) == label
+
+
+@pytest.mark.parametrize("values,decimals", [([0, 0.5, 3.6], 1), ([97.5, 99.9, 100], 1), ([0, 45, 100], 0),
+                                             ([float("nan"), 2.0], 1), ([], 0)])
+def test_percentage_label_decimals_per_figure(values, decimals):
+    from qdm_engine.report import _pct_decimals
+
+    assert _pct_decimals(values) == decimals
+
+
+def test_small_decile_shares_are_not_labelled_zero(tmp_path, drawn):
+    """One non-survivor in a decile of 250 features is 0.4%, and its bar says so (not '0')."""
+    run = synthetic_run(tmp_path / "run", {"int6": FULL["int6"]}, n=3000, n_active=2500, undefined=0)
+    t = load_features(run, "int6")
+    t["r"] = np.where(t["active"], 0.99, t["r"])
+    rarest = t.index[t["active"]][np.argmin(t.loc[t["active"], "fp_rate"].to_numpy())]
+    t.loc[rarest, "r"] = 0.1
+    t["cls"] = classify_active(t["r"], t["active"])
+    t.to_parquet(run / "features" / "int6.parquet", index=False)
+    make_report(run)
+    ax = drawn["deciles"].axes[0]
+    assert [x.get_text() for x in ax.texts] == ["0.4"] + ["0"] * 9
+    # deciles are numbered 1..10 (1 = rarest) here as in `qdm-engine overlap`
+    assert [tick.get_text().split("\n")[0] for tick in ax.get_xticklabels()] == [str(d) for d in range(1, 11)]
+
+
+def test_threshold_label_is_not_crossed_by_the_curves(tmp_path, drawn):
+    """The default run's shape: mean r falls through the survived threshold between INT5 and INT4."""
+    from matplotlib.path import Path as MplPath
+
+    run = synthetic_run(tmp_path / "run", {k: FULL[k] for k in ("int8", "int7", "int6", "int5", "int4")})
+    summary = pd.read_csv(run / "summary.csv")
+    summary.loc[1:, "mean_r"] = [0.999, 0.997, 0.988, 0.950, 0.862]
+    summary.loc[1:, "median_r"] = [1.000, 0.998, 0.994, 0.973, 0.910]
+    summary.to_csv(run / "summary.csv", index=False)
+    make_report(run)
+    fig = drawn["correlation_by_bits"]
+    ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if "threshold" in t.get_text()]
+    assert [t.get_text() for t in labels] == ["survived threshold (0.9)"]
+    curves = [line for line in ax.lines if line.get_label() in ("mean r", "median r")]
+    assert len(curves) == 2
+    values = [t for t in ax.texts if re.fullmatch(r"\d\.\d{3}", t.get_text())]
+    assert len(values) == 5
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        for curve in curves:
+            path = MplPath(ax.transData.transform(np.column_stack(curve.get_data()).astype(float)))
+            assert not path.intersects_bbox(box, filled=False), (label.get_text(), curve.get_label())
+        assert not any(box.overlaps(v.get_window_extent(renderer)) for v in values)
+        assert ax.get_window_extent(renderer).contains(box.x0, box.y0)

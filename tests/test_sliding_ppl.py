@@ -1,5 +1,6 @@
 """Sliding-window perplexity against direct computations on a tiny model, and `qdm-engine ppl` on a run."""
 
+import json
 import math
 
 import pandas as pd
@@ -63,11 +64,20 @@ def test_ppl_command_adds_columns_to_a_run(tiny_llama, tiny_sae, text_file, tmp_
     assert main(["sweep", "--model", str(tiny_llama), "--sae", str(tiny_sae), "--text", str(text_file), "--tokens", "256",
                  "--block-len", "32", "--bits", "4", "--null", "--quiet", "--out", str(out)]) == 0
     before = pd.read_csv(out / "summary.csv")
+    before_text = (out / "summary.csv").read_text().splitlines()
+    before_json = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
     assert main(["ppl", str(out), "--window", "64", "--stride", "16", "--quiet"]) == 0
     printed = capsys.readouterr().out
     after = pd.read_csv(out / "summary.csv")
     pd.testing.assert_frame_equal(after[before.columns], before)
+    # The rewrite keeps every column's type: the original columns are the same text (bits 4, not 4.0).
+    after_text = (out / "summary.csv").read_text().splitlines()
+    assert [line[: len(old)] for line, old in zip(after_text, before_text)] == before_text
+    assert after_text[3].split(",")[1:4] == ["int4", "rtn", "4"]
+    after_json = json.loads((out / "summary.json").read_text())
+    assert [{k: row[k] for k in old} for row, old in zip(after_json, before_json)] == before_json
+    assert after_json[2]["bits"] == 4 and isinstance(after_json[2]["bits"], int)
     assert after["ppl_sliding"].notna().all() and "ppl_sliding" in printed
     fp, null = after.set_index("condition").loc[["fp", "fp-null"], "ppl_sliding"]
     assert fp == null and after.loc[0, "dppl_sliding_pct"] == 0.0
@@ -106,3 +116,19 @@ def test_ppl_rebuilds_every_method_from_its_recorded_spec(tiny_llama, tiny_sae, 
     assert got["int3-g16"] != got["int3"] and got["magnitude-2of4"] != got["fp"]
     if "wanda:sparsity=0.3" in methods:
         assert math.isnan(got["wanda-30"]) and "wanda-30" in err
+
+
+def test_missing_audit_text_is_reported_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import qdm_engine.audit
+    from qdm_engine.analysis.results import write_run
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the run's text was checked")
+
+    monkeypatch.setattr(qdm_engine.audit, "load_lm", no_model)
+    config = {"model": {"load": {"model": "some-model", "gguf_file": None, "trust_remote_code": False}},
+              "tokens": {"text": str(tmp_path / "gone.txt"), "n_blocks": 1, "block_len": 32}, "conditions": [],
+              "device": "cpu", "dtype": "float32"}
+    run = write_run(tmp_path / "run", config, pd.DataFrame({"condition": ["fp"], "ppl": [1.0]}), {})
+    assert main(["ppl", str(run), "--quiet"]) == 2
+    assert "gone.txt' does not exist" in capsys.readouterr().err

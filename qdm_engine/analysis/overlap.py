@@ -1,4 +1,4 @@
-"""Do two compression conditions damage the same features? (METHOD.md section 8.)
+"""Do two compression conditions damage the same features? (docs/METHOD.md section 8.)
 
 Compares two conditions' per-feature tables from one run (same features, same FP statistics) over the
 features active in the FP run: Jaccard overlap of the non-survived, damaged and degraded sets, Pearson
@@ -59,7 +59,7 @@ class OverlapResult:
                 f"over {self.n_damage_pairs} features with r defined in both "
                 f"(undefined r: {self.a} {self.n_undefined_a}, {self.b} {self.n_undefined_b})",
                 "",
-                "by FP firing-rate decile (% of the decile's active features):",
+                "by FP firing-rate decile (1 = rarest; % of the decile's active features):",
                 self.deciles.to_string(index=False, float_format=lambda v: f"{v:.4g}"),
             ]
         )
@@ -194,8 +194,9 @@ def firing_rate_deciles(
 ) -> pd.DataFrame:
     """Survival, non-survival, damage % and mean damage score per FP firing-rate decile (active features).
 
-    Bins are `pd.qcut(fp_rate, 10, duplicates="drop")`, so ties can merge deciles. Mean damage skips
-    undefined features.
+    Bins are `pd.qcut(fp_rate, 10, duplicates="drop")`, so ties can merge deciles. Deciles are numbered
+    1..10, 1 = rarest, here, in the printed table and in the report alike (the paper's published tables
+    number them 0..9). Mean damage skips undefined features.
     """
     a, b = labels
     decile = pd.qcut(np.asarray(fp_rate, dtype=np.float64), N_DECILES, labels=False, duplicates="drop")
@@ -228,5 +229,5 @@ def firing_rate_deciles(
             f"{b}_mean_damage": g[f"{b}_damage"].mean(),
         }
     )
-    out.index = out.index.astype(np.int64)
+    out.index = out.index.astype(np.int64) + 1  # qcut numbers bins from 0; people count deciles from 1
     return out.reset_index()

@@ -1,4 +1,4 @@
-"""Can FP statistics alone predict which features survive compression? (METHOD.md section 7.)
+"""Can FP statistics alone predict which features survive compression? (docs/METHOD.md section 7.)
 
 Per active feature, four statistics of the FP run: rarity `-log p`, `log mean`, `log peak` and
 `log concentration = log(peak / mean)`. An L2 logistic regression (C = 1, lbfgs) on standardised

@@ -13,11 +13,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from qdm_engine.atomic import temp_dir_beside
 from qdm_engine.errors import QdmError
 
 FEATURE_COLUMNS = ("feature", "r", "fp_rate", "fp_mean", "fp_peak", "c_rate", "active", "cls")
@@ -48,7 +48,7 @@ def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: di
     """Write a complete run folder atomically (temp folder beside it, then rename)."""
     out = check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = temp_dir_beside(out)  # mode from the umask, as any folder the user makes
     try:
         (tmp / "config.json").write_text(json.dumps(_json_safe(config), indent=2, default=str) + "\n")
         summary.to_csv(tmp / "summary.csv", index=False)
@@ -79,8 +79,14 @@ def load_config(run_dir: str | Path) -> dict:
     return json.loads((_run_dir(run_dir) / "config.json").read_text())
 
 
+# Whole-number summary columns that have gaps (the FP row has no bits): without a nullable integer dtype
+# a CSV reader makes them float, and a rewritten summary would turn bits 8 into 8.0.
+COUNT_COLUMNS = ("bits", "n_active", "undefined_n", "n_tokens")
+
+
 def load_summary(run_dir: str | Path) -> pd.DataFrame:
-    return pd.read_csv(_run_dir(run_dir) / "summary.csv")
+    """summary.csv as the sweep wrote it: count columns as nullable integers (Int64)."""
+    return pd.read_csv(_run_dir(run_dir) / "summary.csv", dtype={c: "Int64" for c in COUNT_COLUMNS})
 
 
 def list_conditions(run_dir: str | Path) -> list[str]:

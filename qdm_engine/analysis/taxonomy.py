@@ -1,4 +1,4 @@
-"""Feature taxonomy (METHOD.md section 5): active / survived / degraded / damaged, with configurable thresholds.
+"""Feature taxonomy (docs/METHOD.md section 5): active / survived / degraded / damaged, with configurable thresholds.
 
 Over active features (FP firing rate > `active`): survived r > `survived`, damaged r < `damaged`,
 degraded otherwise. An active feature whose r is undefined (zero variance on a side, e.g. it never

@@ -1,4 +1,4 @@
-"""Apply the taxonomy thresholds to stored per-feature tables (METHOD.md sections 5 and 9).
+"""Apply the taxonomy thresholds to stored per-feature tables (docs/METHOD.md sections 5 and 9).
 
 The threshold grid is recomputed from each condition's stored correlations `r`, so no model is rerun.
 `classify_active` is `taxonomy.classify`'s rule applied to a stored table's `active` column (so the run's own

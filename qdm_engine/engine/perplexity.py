@@ -1,4 +1,4 @@
-"""Chunked perplexity from the logits of the audit's own forward passes (METHOD.md section 6).
+"""Chunked perplexity from the logits of the audit's own forward passes (docs/METHOD.md section 6).
 
 Every next-token target of every block counts once: the NLL is summed in float64 and divided by the
 number of targets (token-weighted, so a short last batch is not over-weighted as a mean of batch means is).
@@ -34,7 +34,7 @@ def perplexity(nll: float, n_targets: int) -> float:
 
 def sliding_window_nll(model, ids: torch.Tensor, window: int, stride: int, bos_id: int | None,
                        device: str = "cpu", progress=None) -> tuple[float, int]:
-    """(NLL sum, scored targets) of a 1-D token stream with a sliding window (METHOD.md section 6).
+    """(NLL sum, scored targets) of a 1-D token stream with a sliding window (docs/METHOD.md section 6).
 
     Each window holds `window` positions (BOS first when `bos_id` is given) and advances by `stride`
     tokens; only targets not scored by an earlier window count, so every token is scored exactly once,

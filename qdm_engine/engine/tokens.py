@@ -1,6 +1,6 @@
 """The audit's token tensor: text -> non-empty lines joined -> tokenized once -> fixed-length blocks.
 
-Every condition of a sweep sees this same tensor (METHOD.md section 2). With BOS on (the default, when
+Every condition of a sweep sees this same tensor (docs/METHOD.md section 2). With BOS on (the default, when
 the tokenizer has one) every block starts with BOS and BOS positions are left out of the feature
 statistics; `bos=False` reproduces the paper's blocks of plain text.
 """
@@ -39,25 +39,28 @@ class TokenBlocks:
         return self.n_blocks * (self.block_len - 1)
 
 
-def read_text(text: str | Path) -> str:
-    """Non-empty lines of a local file, or of a `datasets` name 'path[:config[:split]]', joined by newlines."""
+def read_text(text: str | Path, flag: str = "--text") -> str:
+    """Non-empty lines of a local file, or of a `datasets` name 'path[:config[:split]]', joined by newlines.
+
+    `flag` is the option the text came from, named in the error messages (--text, --eval-text, ...).
+    """
     p = Path(str(text)).expanduser()
     if p.exists() or str(text).startswith(("/", ".", "~")) or str(text).endswith((".txt", ".raw", ".tokens")):
         if not p.is_file():
-            raise QdmError(f"text file '{text}' does not exist; pass --text FILE (plain UTF-8 text)")
+            raise QdmError(f"text file '{text}' does not exist; pass {flag} FILE (plain UTF-8 text)")
         try:
             lines = p.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
-            raise QdmError(f"text file '{text}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            raise QdmError(f"{flag} file '{text}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     else:
-        lines = _dataset_lines(str(text))
+        lines = _dataset_lines(str(text), flag)
     joined = "\n".join(line for line in lines if line.strip())
     if not joined:
-        raise QdmError(f"text '{text}' is empty (no non-blank lines); pass a file with text in it")
+        raise QdmError(f"text '{text}' is empty (no non-blank lines); pass {flag} a file with text in it")
     return joined
 
 
-def _dataset_lines(name: str) -> list[str]:
+def _dataset_lines(name: str, flag: str = "--text") -> list[str]:
     parts = name.split(":")
     path, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "test")
     try:
@@ -66,7 +69,7 @@ def _dataset_lines(name: str) -> list[str]:
         ds = datasets.load_dataset(path, config, split=split)
     except Exception as exc:  # missing dataset, no network, bad split
         raise QdmError(
-            f"could not load text '{name}' as a local file or a datasets name (path[:config[:split]]): "
+            f"could not load {flag} '{name}' as a local file or a datasets name (path[:config[:split]]): "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
     column = "text" if "text" in ds.column_names else ds.column_names[0]

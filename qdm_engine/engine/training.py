@@ -24,16 +24,18 @@ from typing import Any
 
 import torch
 
+from qdm_engine.atomic import apply_umask, temp_dir_beside
 from qdm_engine.engine.models import HOOK_RE, StopForward, decoder_layers_path, stop_after
 from qdm_engine.engine.perplexity import nll_sum
 from qdm_engine.engine.tokens import read_text
 from qdm_engine.errors import QdmError
 
-_DATA = Path(__file__).resolve().parent.parent / "data"
-SHARED_WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2-raw" / "partial"
-DEFAULT_TRAIN_TEXT = SHARED_WIKITEXT / "wiki.train.raw.prefix-1MB.nonblank.txt"
-DEFAULT_EVAL_TEXT = SHARED_WIKITEXT / "wiki.valid.raw.prefix-100KB.nonblank.txt"
-
+# The default training and held-out texts ship with the package (prefixes of WikiText-2-raw's train and
+# validation splits, CC BY-SA 3.0; see data/wikitext-2-raw/ATTRIBUTION.md): the default SAE was made from them.
+_WIKITEXT = Path(__file__).resolve().parent.parent / "data" / "wikitext-2-raw"
+DEFAULT_TRAIN_TEXT = _WIKITEXT / "wiki.train.raw.prefix-1MB.nonblank.txt"
+DEFAULT_EVAL_TEXT = _WIKITEXT / "wiki.valid.raw.prefix-100KB.nonblank.txt"
+STORE_BATCH = 8  # blocks per model batch while caching activations (the cache holds whole batches)
 
 
 def _log(progress: bool, message: str) -> None:
@@ -65,15 +67,16 @@ def read_text_lines(path: str | os.PathLike[str]) -> list[str]:
     return read_text(path).split("\n")
 
 
-def text_dataset(path: str | os.PathLike[str], lines_per_row: int = 64) -> Any:
+def text_dataset(path: str | os.PathLike[str], lines_per_row: int = 64, lines: list[str] | None = None) -> Any:
     """A local `datasets.Dataset` with a `text` column: the file's non-blank lines, newline-joined.
 
     Rows of `lines_per_row` lines keep the token stream close to the audit's (lines joined by "\\n")
-    while letting SAELens tokenize row by row; no separator token is put between rows.
+    while letting SAELens tokenize row by row; no separator token is put between rows. `lines`, when
+    given, are the already-read lines of `path`.
     """
     from datasets import Dataset
 
-    lines = read_text_lines(path)
+    lines = read_text_lines(path) if lines is None else lines
     rows = ["\n".join(lines[i : i + lines_per_row]) + "\n" for i in range(0, len(lines), lines_per_row)]
     return Dataset.from_dict({"text": rows})
 
@@ -97,10 +100,65 @@ def resolve_model_dir(
     if model is None:
         _, _, info = load_default_model(progress=progress)
         return Path(info["cache_dir"]), {"model_id": DEFAULT_MODEL_ID, "source": "default", **info}
-    path = Path(model)
+    path = Path(model).expanduser()
     if not (path / "config.json").is_file():
-        raise QdmError(f"model folder {path} has no config.json; give a local HF model folder (no hub downloads)")
+        raise QdmError(f"model folder '{model}' has no config.json; pass to --model a local HF model folder "
+                       "(train-sae makes no hub downloads)")
     return path, {"model_id": str(path), "source": "folder"}
+
+
+def cache_blocks(n_text_tokens: int, tokens: int, context_size: int, store_batch: int = STORE_BATCH) -> int:
+    """Blocks of `context_size` positions whose activations are cached: as many as `tokens` activations
+    need (whole store batches, one batch at least), and no more than the text gives.
+
+    Training then runs for `tokens` activations, several epochs over the cache when the text is short.
+    """
+    text_blocks = n_text_tokens // (context_size - 1)  # BOS + (context_size - 1) text tokens per block
+    wanted = -(-tokens // context_size)
+    wanted = max(store_batch, -(-wanted // store_batch) * store_batch)
+    n = min(text_blocks, wanted)
+    return n - n % store_batch
+
+
+def check_train_inputs(
+    *, model, gguf_file, hook: str, width: int | None, text, eval_text, tokens: int, out, eval_tokens: int | None,
+    context_size: int, batch_tokens: int, weights_dtype: str, work_dir,
+) -> tuple[str, str | None]:
+    """Every train-sae input that can be checked without the model, with a message naming its flag.
+
+    Returns the training text and the held-out text (None without one), read and checked.
+    """
+    from qdm_engine.engine.models import check_model_source
+
+    for flag, value in (("--tokens", tokens), ("--context-size", context_size), ("--batch-tokens", batch_tokens),
+                        ("--width", width), ("--eval-tokens", eval_tokens)):
+        if value is not None and value <= 0:
+            raise QdmError(f"{flag} must be positive, got {value}")
+    if context_size < 2:
+        raise QdmError(f"--context-size must be at least 2 (BOS and one token), got {context_size}")
+    if tokens < batch_tokens:
+        raise QdmError(f"--tokens {tokens} is less than one training step (--batch-tokens {batch_tokens}); "
+                       "raise --tokens or lower --batch-tokens")
+    if weights_dtype not in ("float16", "bfloat16", "float32"):
+        raise QdmError(f"--weights-dtype must be float16, bfloat16 or float32, got {weights_dtype!r}")
+    parse_resid_post_hook(hook)
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QdmError(f"output folder {out} is not empty; give --out a new or empty folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise QdmError(f"cannot write to '{parent}'; give --out in a writable folder")
+    if work_dir is not None and Path(work_dir).expanduser().exists() and not Path(work_dir).expanduser().is_dir():
+        raise QdmError(f"--work-dir '{work_dir}' is a file; give a folder")
+    if model is not None and gguf_file is not None:
+        raise QdmError("give either a model folder or a GGUF file, not both (--model or --gguf-file)")
+    check_model_source(model, gguf_file)
+    if model is not None and not (Path(model).expanduser() / "config.json").is_file():
+        raise QdmError(f"model folder '{model}' has no config.json; pass to --model a local HF model folder "
+                       "(train-sae makes no hub downloads)")
+    train_str = read_text(text, flag="--text")
+    eval_str = read_text(eval_text, flag="--eval-text") if eval_text is not None else None
+    return train_str, eval_str
 
 
 def train_sae(
@@ -127,37 +185,44 @@ def train_sae(
     """Train a standard ReLU SAE on `hook` of a causal LM with SAELens; write it to `out`.
 
     The text is tokenized once and cut into `context_size` blocks that start with BOS; the read-out
-    activations of every block are cached to disk (SAELens `CacheActivationsRunner`, in batches),
-    and SAELens trains for `tokens` activation vectors (several epochs when the text is shorter),
-    skipping BOS positions. Activations are scaled to mean squared norm d_in during training and the
-    scale is folded back into the weights. Returns the metrics written to `out/metrics.json`.
+    activations of the blocks that `tokens` activations need (at most the whole text) are cached to
+    disk (SAELens `CacheActivationsRunner`, in batches), and SAELens trains for `tokens` activation
+    vectors (several epochs when the text is shorter), skipping BOS positions. Activations are scaled
+    to mean squared norm d_in during training and the scale is folded back into the weights.
+
+    Every input is checked before the model loads, and the texts' lengths before any activation is
+    cached. `out` is written under a temporary name beside it and renamed when complete, so a failed
+    run leaves nothing there. Returns the metrics written to `out/metrics.json`.
     """
-    import datasets
-    from sae_lens import (
-        CacheActivationsRunner,
-        CacheActivationsRunnerConfig,
-        LanguageModelSAERunnerConfig,
-        LanguageModelSAETrainingRunner,
-        LoggingConfig,
-        StandardTrainingSAEConfig,
+    train_str, eval_str = check_train_inputs(
+        model=model, gguf_file=gguf_file, hook=hook, width=width, text=text, eval_text=eval_text, tokens=tokens,
+        out=out, eval_tokens=eval_tokens, context_size=context_size, batch_tokens=batch_tokens,
+        weights_dtype=weights_dtype, work_dir=work_dir,
     )
-    from sae_lens.load_model import HookedProxyLM
+    try:
+        import datasets
+        from sae_lens import (
+            CacheActivationsRunner,
+            CacheActivationsRunnerConfig,
+            LanguageModelSAERunnerConfig,
+            LanguageModelSAETrainingRunner,
+            LoggingConfig,
+            StandardTrainingSAEConfig,
+        )
+        from sae_lens.load_model import HookedProxyLM
+    except ImportError as exc:
+        raise QdmError(f"train-sae needs SAELens and datasets ({exc.name} is missing): "
+                       "pip install 'qdm-engine[sae]' datasets") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if tokens <= 0:
-        raise QdmError(f"tokens must be positive, got {tokens}")
-    if weights_dtype not in ("float16", "bfloat16", "float32"):
-        raise QdmError(f"weights_dtype must be float16, bfloat16 or float32, got {weights_dtype!r}")
-    parse_resid_post_hook(hook)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise QdmError(f"output folder {out} is not empty; give a new or empty folder")
+    out = Path(out).expanduser()
     torch.manual_seed(seed)
     datasets.disable_progress_bars() if not progress else None
     started = time.perf_counter()
     own_work = work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="qdm-train-sae-")) if own_work else Path(work_dir)
+    work = Path(tempfile.mkdtemp(prefix="qdm-train-sae-")) if own_work else Path(work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
+    staging: Path | None = None  # the output folder under a temporary name, renamed onto `out` when complete
     try:
         model_dir, model_info = resolve_model_dir(model, gguf_file, work, progress)
         hf_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -171,15 +236,20 @@ def train_sae(
         if bos is None:
             raise QdmError("the tokenizer has no BOS token; train-sae prepends BOS to every block")
 
-        dataset = text_dataset(text)
+        dataset = text_dataset(text, lines=train_str.split("\n"))
         n_text_tokens = sum(len(tokenizer(row, add_special_tokens=False)["input_ids"]) for row in dataset["text"])
-        n_blocks = n_text_tokens // (context_size - 1)
-        store_batch = 8
-        n_blocks -= n_blocks % store_batch
+        store_batch = STORE_BATCH
+        n_blocks = cache_blocks(n_text_tokens, tokens, context_size, store_batch)
         if n_blocks < store_batch:
-            raise QdmError(f"text {text} gives only {n_text_tokens} tokens; need at least {store_batch * context_size}")
+            raise QdmError(f"--text {text} gives only {n_text_tokens} tokens; need at least "
+                           f"{store_batch * (context_size - 1)} (or a smaller --context-size)")
+        if eval_str is not None:
+            n_eval = len(tokenizer(eval_str, add_special_tokens=False)["input_ids"])
+            if n_eval < context_size - 1:
+                raise QdmError(f"--eval-text {eval_text} gives only {n_eval} tokens, less than one block of "
+                               f"{context_size}; give a longer --eval-text or a smaller --context-size")
         cache_tokens = n_blocks * context_size
-        _log(progress, f"{n_text_tokens} text tokens -> {n_blocks} blocks of {context_size} (BOS first)")
+        _log(progress, f"{n_text_tokens} text tokens; caching {n_blocks} blocks of {context_size} (BOS first)")
 
         acts_dir = work / "activations"
         stamp_path = work / "activations.json"
@@ -279,8 +349,9 @@ def train_sae(
         train_seconds = time.perf_counter() - t0
         _log(progress, f"trained in {train_seconds:.0f} s")
 
-        out.mkdir(parents=True, exist_ok=True)
-        sae_dir = write_sae_folder(sae, out, hook=hook, hf_hook=hf_hook, weights_dtype=weights_dtype,
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = temp_dir_beside(out)
+        sae_dir = write_sae_folder(sae, staging, hook=hook, hf_hook=hf_hook, weights_dtype=weights_dtype,
                                    extra_metadata={"model_name": model_info["model_id"], "context_size": context_size,
                                                    "prepend_bos": True, "exclude_special_tokens": [int(bos)]})
         metrics: dict[str, Any] = {
@@ -326,13 +397,21 @@ def train_sae(
                 shipped, hf_model, tokenizer, hook=hook, text=eval_text, context_size=context_size,
                 max_tokens=eval_tokens, ce_tokens=ce_tokens, progress=progress,
             )
-            metrics["eval"]["weights_roundtrip"] = weights_roundtrip_error(sae, shipped, hf_model, tokenizer, hook, eval_text)
+            metrics["eval"]["weights_roundtrip"] = weights_roundtrip_error(
+                sae, shipped, hf_model, tokenizer, hook, eval_text, n_tokens=min(2048, eval_tokens or 2048))
             metrics["seconds"]["evaluation"] = round(time.perf_counter() - t0, 1)
         metrics["seconds"]["total"] = round(time.perf_counter() - started, 1)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        apply_umask(staging)  # safetensors writes its file 0600
+        if out.exists():
+            out.rmdir()  # empty, checked before training
+        os.replace(staging, out)
+        staging = None
         _log(progress, f"wrote {out}")
         return metrics
     finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
 

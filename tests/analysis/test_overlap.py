@@ -96,7 +96,9 @@ def test_empty_union_gives_nan_jaccard(make_features):
 
 
 def test_deciles_known_answer(make_features):
-    """100 features, firing rates 1..100 (x 1e-3): decile k holds features 10k..10k+9; k of them fail in a."""
+    """100 features, firing rates 1..100 (x 1e-3): decile k + 1 holds features 10k..10k+9; k of them fail in a.
+
+    Deciles are numbered 1..10 (1 = rarest), as the report's figure numbers them."""
     rng = np.random.default_rng(8)
     n = 100
     rate = (np.arange(n) + 1.5) * 1e-3
@@ -114,7 +116,7 @@ def test_deciles_known_answer(make_features):
         "a_non_survived_pct", "b_non_survived_pct", "a_damaged_pct", "b_damaged_pct", "a_mean_damage",
         "b_mean_damage",
     ]
-    assert list(dec["firing_decile"]) == list(range(10)) and (dec["n_features"] == 10).all()
+    assert list(dec["firing_decile"]) == list(range(1, 11)) and (dec["n_features"] == 10).all()
     k = np.arange(10)
     np.testing.assert_allclose(dec["a_non_survived_pct"], 10.0 * k)
     np.testing.assert_allclose(dec["a_damaged_pct"], 10.0 * k)
@@ -122,6 +124,8 @@ def test_deciles_known_answer(make_features):
     np.testing.assert_allclose(dec["b_damaged_pct"], 0.0)
     np.testing.assert_allclose(dec["mean_firing_rate"], rate.reshape(10, 10).mean(axis=1), rtol=1e-14)
     np.testing.assert_allclose(dec["a_mean_damage"], (1 - a["r"].to_numpy()).reshape(10, 10).mean(axis=1), rtol=1e-14)
+    text = overlap(a, b).to_text().split("by FP firing-rate decile (1 = rarest;")[1].splitlines()
+    assert [int(line.split()[0]) for line in text[2:]] == list(range(1, 11))  # the printed table counts from 1
 
 
 def test_deciles_with_ties_merge_bins(make_features):
@@ -161,6 +165,7 @@ def test_paper_damage_correlations(paper_dir, paper_rtn, paper_prune):
 def test_paper_decile_table(paper_dir, paper_rtn, paper_prune):
     res = overlap(paper_rtn, paper_prune, labels=("rtn", "prune"))
     published = pd.read_csv(paper_dir / "tables" / "phase5b_pythia_rtn_vs_pruning_firing_rate_deciles.csv")
+    published["firing_decile"] += 1  # the paper numbers deciles 0..9, qdm-engine 1..10
     pd.testing.assert_frame_equal(res.deciles, published, check_exact=False, rtol=1e-12)
 
 

@@ -195,7 +195,7 @@ def test_paper_recipe_reproduces_published_coefficients(paper_fits, paper_predic
 
 
 def test_paper_survival_by_peak_quartile(paper_fits):
-    """METHOD.md section 7: survival by peak quartile 13% -> 96% (Pythia)."""
+    """docs/METHOD.md section 7: survival by peak quartile 13% -> 96% (Pythia)."""
     q = paper_fits["paper"].quartiles
     peak = q[q["statistic"] == "log_max_activation"]["survived_pct"].round().tolist()
     assert peak[0] == 13 and peak[-1] == 96

@@ -1,9 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from qdm_testing import D_MODEL, N_LAYERS, tiny_config
 
+from qdm_engine.atomic import current_umask
 from qdm_engine.engine.training import (
     decoder_layers_path,
     evaluate_sae,
@@ -107,16 +109,36 @@ def test_evaluate_exact_sae(tiny_llama, text_file):
 
 
 @pytest.mark.slow
-def test_tiny_training_run(tiny_llama, text_file, tmp_path):
+def test_tiny_training_run(tiny_llama, text_file, tmp_path, monkeypatch):
     from safetensors import safe_open
     from sae_lens import SAE
+
+    import qdm_engine.engine.training as training
 
     out = tmp_path / "sae"
     kw = dict(model=tiny_llama, hook="blocks.1.hook_resid_post", width=96, text=text_file, tokens=48 * 128,
               batch_tokens=128, context_size=32, seed=0, eval_text=text_file, ce_tokens=256, progress=False,
               work_dir=tmp_path / "work")
+    # A run that fails after training (here in the evaluation) leaves no output folder, complete-looking
+    # or half-written, so the same command can simply be run again.
+    real_evaluate = training.evaluate_sae
+
+    def failing_evaluate(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(training, "evaluate_sae", failing_evaluate)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train_sae(out=out, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    monkeypatch.setattr(training, "evaluate_sae", real_evaluate)
+
     metrics = train_sae(out=out, **kw)
-    assert metrics["activation_cache_reused"] is False
+    assert metrics["activation_cache_reused"] is True  # the failed run's cache, in the work dir
+    assert metrics["cached_positions"] == 6144  # what --tokens asks for (192 blocks of 32), not the whole text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae", "work"]
+    umask = current_umask()  # the folder and its files get the umask's modes (safetensors alone writes 0600)
+    assert [oct(p.stat().st_mode & 0o777) for p in (out, *sorted(out.iterdir()))] == \
+        [oct(0o777 & ~umask)] + [oct(0o666 & ~umask)] * 3
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "metrics.json", "sae_weights.safetensors"]
     sae = SAE.load_from_disk(str(out), device="cpu")
     assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
@@ -133,9 +155,9 @@ def test_tiny_training_run(tiny_llama, text_file, tmp_path):
     assert 0.0 <= ev["dead_fraction"] <= 1.0 and 0.0 < ev["l0"] < 96
     assert ev["fve"] > 0.0  # trained: better than predicting the mean
     assert ev["weights_roundtrip"]["max_abs_diff_rel_to_max_act"] < 1e-2
-    # Same seed, activation cache reused from the work dir: the same SAE, bit for bit.
-    again = train_sae(out=tmp_path / "again", **kw)
-    assert again["activation_cache_reused"] is True
+    # Same seed, activation cache made afresh (not reused from the work dir): the same SAE, bit for bit.
+    again = train_sae(out=tmp_path / "again", **{**kw, "work_dir": tmp_path / "work2"})
+    assert again["activation_cache_reused"] is False
     sae2 = SAE.load_from_disk(str(tmp_path / "again"), device="cpu")
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert torch.equal(getattr(sae, name), getattr(sae2, name)), name
@@ -153,3 +175,133 @@ def test_cli_train_sae_bad_input(tmp_path, capsys, tiny_llama, text_file):
     assert main(["train-sae", "--out", str(tmp_path / "o"), "--model", str(tiny_llama),
                  "--hook", "blocks.1.hook_mlp_out"]) == 2
     assert "blocks.L.hook_resid_post" in capsys.readouterr().err
+
+
+# ---- defaults that ship with the package, inputs checked before compute, the cache bounded by --tokens ----
+
+def test_default_texts_ship_with_the_package():
+    """train-sae's default texts are package data (with their attribution), not files beside the repository."""
+    import hashlib
+
+    import qdm_engine
+    from qdm_engine.engine.training import DEFAULT_EVAL_TEXT, DEFAULT_TRAIN_TEXT
+
+    package = Path(qdm_engine.__file__).resolve().parent
+    attribution = (package / "data" / "wikitext-2-raw" / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    for path in (DEFAULT_TRAIN_TEXT, DEFAULT_EVAL_TEXT):
+        assert path.resolve().is_relative_to(package / "data"), path
+        assert path.is_file() and "shared" not in path.relative_to(package).parts
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert path.name in attribution and digest in attribution  # the attribution describes these bytes
+    assert "CC BY-SA 3.0" in attribution and "Merity" in attribution
+    assert DEFAULT_TRAIN_TEXT.stat().st_size + DEFAULT_EVAL_TEXT.stat().st_size <= 1_200_000  # prefixes only
+
+
+@pytest.mark.parametrize("n_text_tokens,tokens,expected", [
+    (303_104, 16_384, 64),   # the cache covers --tokens, not the whole text
+    (303_104, 2_097_152, 1184),  # a short text: all of it (several epochs)
+    (303_104, 100, 8),   # at least one store batch
+    (2_000, 16_384, 0),  # too short for one store batch: refused by the caller
+])
+def test_cache_blocks(n_text_tokens, tokens, expected):
+    from qdm_engine.engine.training import cache_blocks
+
+    n = cache_blocks(n_text_tokens, tokens, 256)
+    assert n == expected and n % 8 == 0
+    assert n * 255 <= n_text_tokens
+
+
+def test_bad_inputs_are_reported_before_the_model_loads(tiny_llama, text_file, tmp_path, monkeypatch):
+    import qdm_engine.engine.training as training
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(training, "resolve_model_dir", no_model)
+    kw = dict(model=tiny_llama, hook="blocks.1.hook_resid_post", text=text_file, eval_text=text_file,
+              out=tmp_path / "o", progress=False)
+    cases = [
+        (dict(eval_text=tmp_path / "no-eval.txt"), r"text file .*no-eval.txt' does not exist; pass --eval-text FILE"),
+        (dict(text=tmp_path / "no-train.txt"), r"no-train.txt' does not exist; pass --text FILE"),
+        (dict(tokens=100, batch_tokens=1024), r"--tokens 100 is less than one training step \(--batch-tokens 1024\)"),
+        (dict(model=tmp_path / "empty"), r"model folder '.*empty' is empty; pass to --model"),
+        (dict(out=text_file), r"is not empty; give --out"),
+        (dict(width=0), r"--width must be positive"),
+        (dict(context_size=1), r"--context-size must be at least 2"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for change, message in cases:
+        with pytest.raises(QdmError, match=message):
+            train_sae(**{**kw, **change})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_tokens_bound_the_activation_cache(tiny_llama, text_file, tmp_path, monkeypatch):
+    """With a long text and a small --tokens, only the blocks --tokens needs are cached."""
+    import sae_lens
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class FakeCacheRunner:
+        def __init__(self, cfg, override_dataset=None):
+            seen["positions"] = cfg.training_tokens
+            seen["context"] = cfg.context_size
+
+        def run(self):
+            raise Stop
+
+    monkeypatch.setattr(sae_lens, "CacheActivationsRunner", FakeCacheRunner)
+    with pytest.raises(Stop):
+        train_sae(model=tiny_llama, hook="blocks.1.hook_resid_post", text=text_file, tokens=512, batch_tokens=128,
+                  context_size=32, out=tmp_path / "o", progress=False)
+    assert seen == {"positions": 512, "context": 32}
+    assert not (tmp_path / "o").exists()
+
+
+def test_short_eval_text_is_reported_before_caching(tiny_llama, text_file, tmp_path, monkeypatch):
+    import sae_lens
+
+    def no_cache(*_a, **_k):
+        raise AssertionError("activations were cached before the held-out text was checked")
+
+    monkeypatch.setattr(sae_lens, "CacheActivationsRunner", no_cache)
+    short = tmp_path / "short.txt"
+    short.write_text("the river .\n")
+    with pytest.raises(QdmError, match=r"--eval-text .*short.txt gives only \d+ tokens, less than one block of 32"):
+        train_sae(model=tiny_llama, hook="blocks.1.hook_resid_post", text=text_file, eval_text=short, tokens=512,
+                  batch_tokens=128, context_size=32, out=tmp_path / "o", progress=False)
+
+
+@pytest.mark.slow
+def test_cli_defaults_work_for_an_installed_user(tmp_path):
+    """`train-sae --out DIR` and nothing else, as a user who installed the package: the package copied alone
+    into a temp folder (no repository, no ../shared beside it), run from a temp HOME. Small --tokens."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import qdm_engine
+    from qdm_engine.engine.default import cache_root
+
+    site, home = tmp_path / "site", tmp_path / "home"
+    shutil.copytree(Path(qdm_engine.__file__).resolve().parent, site / "qdm_engine",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(site), "QDM_CACHE": str(cache_root()),
+           "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qdm_engine.cli", "train-sae", "--out", "sae", "--tokens", "2048",
+                           "--eval-tokens", "512", "--quiet"], cwd=home, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in home.iterdir()) == ["sae"]
+    assert sorted(p.name for p in (home / "sae").iterdir()) == ["cfg.json", "metrics.json", "sae_weights.safetensors"]
+    metrics = json.loads((home / "sae" / "metrics.json").read_text())
+    assert Path(metrics["train_text"]).is_relative_to(site / "qdm_engine" / "data")
+    assert Path(metrics["eval"]["text"]).is_relative_to(site / "qdm_engine" / "data")
+    assert metrics["cached_positions"] == 2048 and metrics["training_steps"] == 2
+    assert metrics["d_sae"] == 8 * metrics["d_in"] and metrics["hook_name"] == "blocks.14.hook_resid_post"
+    assert metrics["eval"]["positions"] > 0 and "held-out L0" in proc.stdout
