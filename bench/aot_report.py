@@ -53,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 COLUMNS = ["kernel", "variant", "config", "target", "regs", "spill_stores", "spill_loads", "stack", "smem",
            "mma", "loop_spills", "f64", "shfl", "warnings", "error"]
 TARGETS = {"sm_90a": 90, "sm_90": 90, "sm_80": 80, "sm_86": 86, "sm_89": 89}
+# Largest shared memory one block may use (bytes): H100/H200 227 KB, A100 163 KB, sm_86/89 99 KB.
+SMEM_LIMIT = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
 ENCODE_KERNEL = "_encode_moments_kernel"
 
 
@@ -66,11 +68,10 @@ def _config_label(cfg) -> str:
 
 
 # Types of the fused encode's arguments by name; every other non-constexpr argument is an i32 (sizes,
-# strides). The read-out pointers take the case's dtype; unit strides are specialised to 1 as a launch
-# on contiguous tensors specialises them.
-_ENCODE_PTRS = {"XF": "x", "XC": "x", "W": "*fp32", "W_HI": "*bf16", "W_LO": "*bf16", "B_ENC": "*fp32",
-                "B_DEC": "*fp32", "THR": "*fp32", "SEL_F": "*i32", "SEL_C": "*i32", "MASK": "*u8", "PART": "*fp64"}
-_ENCODE_UNIT_STRIDES = ("stride_xf_d", "stride_xc_d", "stride_w_f", "stride_w_d_unit")
+# strides). "x" takes the read-outs' dtype, "w" the weight parts' (float32 W_enc, or its bf16 split).
+# Unit strides are specialised to 1, as a launch on contiguous tensors specialises them.
+_ENCODE_PTRS = {"XF": "x", "XC": "x", "W": "w", "W_LO": "w", "W_LO2": "w", "B_ENC": "*fp32", "B_DEC": "*fp32",
+                "THR": "*fp32", "SEL_F": "*i32", "SEL_C": "*i32", "MASK": "*u8", "PART": "*fp64"}
 
 
 def _encode_cases(mod, all_precisions: bool) -> list[dict]:
@@ -79,24 +80,35 @@ def _encode_cases(mod, all_precisions: bool) -> list[dict]:
     mode, at the default precision (every precision the launcher offers with --all-precisions)."""
     fn = mod._encode_moments_kernel
     default = getattr(mod, "DEFAULT_PRECISION", "tf32x3")
-    precisions = mod.PRECISIONS if all_precisions else (default,)
-    configs = mod._encode_moments_tuned.configs
+    split_of = getattr(mod, "SPLIT_PRECISIONS", {})
+    resolve = getattr(mod, "resolve_precision", lambda p, *dt: p)
+    configs_for = getattr(mod, "configs_for", lambda split: mod._encode_moments_tuned.configs)
+    modes = {"relu": mod._MODE_RELU, "jumprelu": mod._MODE_JUMPRELU, "topk": mod._MODE_TOPK}
     cases = []
-    for x_dtype in ("bf16", "fp32"):
-        for mode_name in ("relu", "jumprelu", "topk"):
+    for x_dtype, torch_dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
+        import torch
+
+        dt = getattr(torch, torch_dtype)
+        if all_precisions:
+            precisions = [p for p in mod.PRECISIONS if p != "auto" and (x_dtype == "bf16" or p not in split_of)]
+        else:
+            precisions = [resolve(default, dt, dt)]
+        for mode_name, mode in modes.items():
             if x_dtype == "fp32" and mode_name != "relu":
                 continue  # Pythia's SAE is ReLU; a float32 read-out changes only the loads
-            mode = {"relu": mod._MODE_RELU, "jumprelu": mod._MODE_JUMPRELU, "topk": mod._MODE_TOPK}[mode_name]
             for prec in precisions:
-                sig = {a: (f"*{x_dtype}" if t == "x" else t) for a, t in _ENCODE_PTRS.items()}
-                base = dict(MODE=mode, HAS_MASK=False, PRECISION=prec)
-                base.update({a: 1 for a in _ENCODE_UNIT_STRIDES if a in fn.arg_names})
-                for cfg in configs:
-                    consts = {**base, **cfg.kwargs}
-                    consts = {a: v for a, v in consts.items() if a in fn.arg_names}
+                split = split_of.get(prec, 0)
+                w_type = "*bf16" if split else "*fp32"
+                sig = {a: {"x": f"*{x_dtype}", "w": w_type}.get(t, t) for a, t in _ENCODE_PTRS.items()}
+                base = dict(MODE=mode, HAS_MASK=False, PRECISION="tf32" if split else prec, SPLIT=split,
+                            stride_xf_d=1, stride_xc_d=1)
+                base["stride_w_d" if split else "stride_w_f"] = 1  # split parts are feature-major
+                for cfg in configs_for(split):
+                    consts = {a: v for a, v in {**base, **cfg.kwargs}.items() if a in fn.arg_names}
                     sig_k = {a: sig.get(a, "i32") for a in fn.arg_names if a not in consts}
                     cases.append(dict(kernel=fn, variant=f"x={x_dtype},{mode_name},{prec}", signature=sig_k,
-                                      constexprs=consts, divisible=("D", "F"), config=cfg))
+                                      constexprs=consts, divisible=("D", "F", "stride_w_d", "stride_w_f"),
+                                      config=cfg))
     return cases
 
 
@@ -271,6 +283,9 @@ def compile_case(case: dict, target: str) -> dict:
                                          if "warning" in ln.lower()}))
     ptx = k.asm["ptx"]
     row["smem"] = int(k.metadata.shared)
+    if row["smem"] > SMEM_LIMIT[TARGETS[target]]:
+        row["warnings"] = " | ".join(w for w in (row["warnings"], f"shared memory {row['smem']} B exceeds the "
+                                                  f"{SMEM_LIMIT[TARGETS[target]]} B a block may use") if w)
     row["mma"] = len(re.findall(r"\bwgmma\.mma_async\b", ptx)) + len(re.findall(r"\bmma\.sync\b", ptx))
     row["f64"] = len(re.findall(r"^\s*(?:@%p\d+\s+)?\w+(?:\.\w+)*\.f64\b", ptx, flags=re.M))
     row["shfl"] = len(re.findall(r"\bshfl\.sync\b", ptx))
