@@ -101,7 +101,7 @@ def _encode_cases(mod, all_precisions: bool) -> list[dict]:
                 w_type = "*bf16" if split else "*fp32"
                 sig = {a: {"x": f"*{x_dtype}", "w": w_type}.get(t, t) for a, t in _ENCODE_PTRS.items()}
                 base = dict(MODE=mode, HAS_MASK=False, PRECISION="tf32" if split else prec, SPLIT=split,
-                            stride_xf_d=1, stride_xc_d=1)
+                            F32_DOT=False, stride_xf_d=1, stride_xc_d=1)
                 base["stride_w_d" if split else "stride_w_f"] = 1  # split parts are feature-major
                 for cfg in configs_for(split):
                     consts = {a: v for a, v in {**base, **cfg.kwargs}.items() if a in fn.arg_names}

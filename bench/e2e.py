@@ -217,9 +217,11 @@ def main() -> int:
         dtype = getattr(torch, spec["dtype"]["cuda" if device.startswith("cuda") else "cpu"])
         mcfg = dict(spec["model"])
         cfg = AutoConfig.for_model(mcfg.pop("model_type"), **mcfg)
+        from qdm_engine.engine.models import faithful_attention
+
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        model = model.eval().requires_grad_(False)
+        model = faithful_attention(model).eval().requires_grad_(False)  # Gemma-2: eager keeps the soft-cap
         hook, block_len, name = spec["sae"]["hook"], spec["block_len"], args.shape
         sae = random_sae(cfg.hidden_size, spec["sae"]["d_sae"], spec["sae"]["architecture"], hook, device)
         n_blocks = args.tokens // block_len

@@ -198,6 +198,7 @@ def _encode_moments_kernel(
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    F32_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -253,15 +254,25 @@ def _encode_moments_kernel(
                 acc_x = tl.dot(w, xf.to(tl.float32) - b_dec[:, None], acc_x, input_precision=PRECISION)
                 acc_y = tl.dot(w, xc.to(tl.float32) - b_dec[:, None], acc_y, input_precision=PRECISION)
             else:
-                # bf16 x bf16 products are exact in float32; the small parts first.
+                # bf16 x bf16 products are exact in float32; the small parts first. F32_DOT (the
+                # interpreter only: triton 3.7.1's interpreter multiplies bf16 operands' raw bits)
+                # widens the bf16 values to float32 first, which computes the same exact products.
+                if F32_DOT:
+                    xf = xf.to(tl.float32)
+                    xc = xc.to(tl.float32)
                 if SPLIT == 3:
                     w2 = tl.load(W_LO2 + w_ptr, mask=m_w, other=0.0)
+                    if F32_DOT:
+                        w2 = w2.to(tl.float32)
                     acc_x = tl.dot(w2, xf, acc_x)
                     acc_y = tl.dot(w2, xc, acc_y)
                 w1 = tl.load(W_LO + w_ptr, mask=m_w, other=0.0)
+                w0 = tl.load(W + w_ptr, mask=m_w, other=0.0)
+                if F32_DOT:
+                    w1 = w1.to(tl.float32)
+                    w0 = w0.to(tl.float32)
                 acc_x = tl.dot(w1, xf, acc_x)
                 acc_y = tl.dot(w1, xc, acc_y)
-                w0 = tl.load(W + w_ptr, mask=m_w, other=0.0)
                 acc_x = tl.dot(w0, xf, acc_x)
                 acc_y = tl.dot(w0, xc, acc_y)
 
@@ -527,7 +538,8 @@ def encode_moments_partials_triton(
         x_fp.stride(0), x_fp.stride(1), x_c.stride(0), x_c.stride(1), w0.stride(0), w0.stride(1),
         sel_f.stride(0), sel_c.stride(0), part.stride(0), part.stride(1),
     )
-    meta = dict(MODE=mode, HAS_MASK=mask is not None, PRECISION="tf32" if split else precision, SPLIT=split)
+    meta = dict(MODE=mode, HAS_MASK=mask is not None, PRECISION="tf32" if split else precision, SPLIT=split,
+                F32_DOT=interpreting())
     if fixed:
         bt, bf, bd = (block_t, block_f, block_d) if block_t is not None else (64, 64, 64)
         _encode_moments_kernel[(n_groups * triton.cdiv(n_feat, bf),)](

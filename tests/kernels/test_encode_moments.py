@@ -316,3 +316,58 @@ def test_strided_inputs():
     thr2 = torch.stack([case["threshold"], case["threshold"]], dim=1)[:, 0]
     m = _fused(wide[:, :d], wide[:, d:], W_t, b_enc2, case["b_dec"], thr2, None, mask2, **BLOCKS)
     _assert_moments(m, _expected(case, case["threshold"], None, case["mask"]))
+
+
+def _random_bf16_case(seed, t=120, d=64, f=96):
+    """Non-dyadic bf16 read-outs and a float32 SAE with full mantissas (the split parts all matter)."""
+    g = torch.Generator().manual_seed(seed)
+    x_fp = (torch.randn(t, d, generator=g) + 0.3).to(torch.bfloat16)
+    x_c = (x_fp.float() + 0.2 * torch.randn(t, d, generator=g)).to(torch.bfloat16)
+    W = torch.randn(d, f, generator=g) / d**0.5
+    b_enc, b_dec = 0.1 * torch.randn(f, generator=g), 0.3 * torch.randn(d, generator=g)
+    return x_fp, x_c, W, b_enc, b_dec
+
+
+def _float64_truth(x_fp, x_c, W, b_enc, b_dec):
+    enc = lambda x: ((x.double() - b_dec.double()) @ W.double() + b_enc.double()).clamp_min(0).numpy()  # noqa: E731
+    return _float64_moments(enc(x_fp), enc(x_c))
+
+
+@pytest.mark.parametrize("precision,r_atol", [("bf16split3", 1e-6), ("auto", 1e-6), ("bf16split2", 1e-4)])
+def test_split_paths_against_float64(precision, r_atol):
+    """bf16 read-outs times W_enc's bf16 parts, b_dec folded into the bias in float64: r against the float64
+    encoding within 1e-6 (three parts, the "auto" choice for bf16) or 1e-4 (two parts: ~16-bit W_enc)."""
+    case = _random_bf16_case(seed=101)
+    m = _fused(*case, mask=None, precision=precision, **BLOCKS, tokens_per_group=48)
+    ref = _float64_truth(*case)
+    r = m.pearson().numpy()
+    ok = ~np.isnan(ref["r"])
+    assert ok.sum() > 50 and np.array_equal(np.isnan(r), np.isnan(ref["r"]))
+    np.testing.assert_allclose(r[ok], ref["r"][ok], rtol=0, atol=r_atol)
+    np.testing.assert_allclose(m.mean_x.numpy(), ref["mean_x"], rtol=0, atol=1e-5)
+    again = _fused(*case, mask=None, precision=precision, **BLOCKS, tokens_per_group=48)
+    assert torch.equal(m.pack(), again.pack())  # deterministic
+
+
+def test_split_encoder_parts_sum_to_w_enc_and_fold_b_dec():
+    _, _, W, b_enc, b_dec = _random_bf16_case(seed=103)
+    hi, lo, lo2, bias = em.split_encoder(W, b_enc, b_dec, 3)
+    assert hi.dtype == lo.dtype == lo2.dtype == torch.bfloat16 and hi.shape == W.shape
+    assert hi.stride() == (1, W.shape[0])  # feature-major: the kernel's tile reads along d
+    total = hi.double() + lo.double() + lo2.double()
+    assert torch.equal(total, W.double())  # three bf16 parts hold a float32 exactly
+    two = em.split_encoder(W, b_enc, b_dec, 2)
+    err2 = ((two[0].double() + two[1].double()) - W.double()).abs() / W.double().abs()
+    assert 0 < float(err2.max()) <= 2.0**-16
+    exact = b_enc.double() - b_dec.double() @ W.double()
+    assert torch.equal(bias, exact.float())  # one rounding, of the float64 value
+    assert em.split_encoder(W, b_enc, b_dec, 3)[0] is hi  # cached per SAE
+
+
+def test_precision_resolution():
+    bf, f32 = torch.bfloat16, torch.float32
+    assert em.resolve_precision("auto", bf, bf) == em.AUTO_BF16
+    assert em.resolve_precision("auto", bf, f32) == "tf32x3"
+    assert em.resolve_precision("tf32", bf, bf) == "tf32"
+    with pytest.raises(ValueError, match="needs bfloat16 read-outs"):
+        encode_moments_triton(**_bad(precision="bf16split3"))
