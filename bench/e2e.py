@@ -37,8 +37,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# One autotuning per kernel and key across processes (cached on disk); the chosen config is printed.
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -173,6 +176,15 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def encode_config() -> str:
+    """The fused encode's autotuned config(s) so far, for the log ('' when none was tuned)."""
+    from qdm_engine.kernels import encode_moments as em
+
+    cache = getattr(em._encode_moments_tuned, "cache", None) or {}
+    return "".join(f"; encode config {','.join(f'{k}={v}' for k, v in c.kwargs.items())},w{c.num_warps},s{c.num_stages}"
+                   for c in cache.values())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -261,7 +273,7 @@ def main() -> int:
             sync(device)
             secs = time.perf_counter() - t
         results[pipe] = (secs, mem.peak, r_by_condition(runs), tokens)
-        print(f"  {pipe} done in {secs:.2f} s", flush=True)
+        print(f"  {pipe} done in {secs:.2f} s{encode_config()}", flush=True)
     diff = float("nan")  # max |r_naive - r_engine| over features and conditions, on the naive's tokens
     if not args.skip_naive:
         n_naive = min(blocks.n_blocks, -(-(args.naive_tokens or tokens) // block_len))

@@ -371,3 +371,14 @@ def test_precision_resolution():
     assert em.resolve_precision("tf32", bf, bf) == "tf32"
     with pytest.raises(ValueError, match="needs bfloat16 read-outs"):
         encode_moments_triton(**_bad(precision="bf16split3"))
+
+
+def test_autotuners_pinned_to_one_config_per_path():
+    """tests/conftest.py pins the autotuners: one config left after the encode kernel's per-path pruning."""
+    tuner = em._encode_moments_tuned
+    for split in (0, 2, 3):
+        kept = em._prune_configs(tuner.configs, {}, SPLIT=split)
+        allowed = [(c.kwargs, c.num_warps, c.num_stages) for c in em.configs_for(split)]
+        assert len(kept) == 1 and (kept[0].kwargs, kept[0].num_warps, kept[0].num_stages) in allowed
+    # the unpinned lists: the per-path config sets the compile report checks
+    assert len(em.configs_for(0)) >= 2 and len(em.configs_for(3)) >= 2
