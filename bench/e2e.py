@@ -188,7 +188,7 @@ def encode_config() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shape", choices=["pythia-70m", "gemma-2-2b"])
+    src.add_argument("--shape", choices=sorted(p.stem for p in (HERE / "configs").glob("*.json")))
     src.add_argument("--default", action="store_true", help="the embedded default model and SAE")
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--bits", default="8..4")

@@ -335,6 +335,25 @@ def chosen_configs() -> str:
     return f"; config {kw},w{cfg.num_warps},s{cfg.num_stages}"
 
 
+def compiled_encode_kernels() -> list[str]:
+    """One line per compiled variant of the fused encode in this process: its block sizes, path, warps,
+    stages and what the driver reports (registers, spills per thread, shared memory)."""
+    lines = []
+    fn = _em._encode_moments_kernel
+    for dev, cache in getattr(fn, "device_caches", {}).items():
+        for k in (cache[0] if isinstance(cache, tuple) else {}).values():
+            try:
+                consts = {fn.arg_names[key[0]]: v for key, v in getattr(k.src, "constants", {}).items()
+                          if isinstance(key, tuple) and key and isinstance(key[0], int)}
+                shown = ",".join(f"{n}={consts[n]}" for n in ("BLOCK_T", "BLOCK_F", "BLOCK_D", "SPLIT", "PRECISION",
+                                                                "MODE") if n in consts)
+                lines.append(f"compiled encode [{shown}] warps={k.metadata.num_warps} stages={k.metadata.num_stages} "
+                             f"n_regs={k.n_regs} n_spills={k.n_spills} smem={k.metadata.shared}")
+            except Exception as exc:  # noqa: BLE001 - a report line, never a failure
+                lines.append(f"compiled encode: (unreadable: {exc})")
+    return lines
+
+
 def bench_encode(m: ModelShapes, args, timer, device, ceilings, use_triton) -> list[Row]:
     rows = []
     d, f = m.sae_d, m.sae_f
@@ -473,6 +492,7 @@ def main(argv=None) -> int:
               + "the kernels need a GPU for real figures")
     rows: list[Row] = []
     for mm in models:
+        done = len(rows)
         if "fake_quant" in ops:
             rows += bench_fake_quant(mm, args, timer, device, ceilings, use_triton)
         if "prune" in ops:
@@ -481,10 +501,16 @@ def main(argv=None) -> int:
             rows += bench_encode(mm, args, timer, device, ceilings, use_triton)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if not args.no_csv:  # each model's rows as soon as they exist: a run cut short keeps them
+            write_csv(rows[done:], args.csv, device_name, ceilings, triton_version)
+        print_table(rows[done:])
+        sys.stdout.flush()
+    if use_triton and device.type == "cuda":
+        for line in compiled_encode_kernels():
+            print(line)
     print()
     print_table(rows)
     if not args.no_csv:
-        write_csv(rows, args.csv, device_name, ceilings, triton_version)
         print(f"\nappended {len(rows)} rows to {args.csv}")
     bad = [r for r in rows if any(w in r.note for w in ("MISMATCH", "DIFFERS", "NOT DETERMINISTIC", "EXCEEDS"))]
     for r in bad:
