@@ -26,7 +26,7 @@ One row per compiled kernel:
   warnings    ptxas warnings (e.g. C7512 "wgmma serialized due to insufficient register resources")
   error       why the case did not compile (empty when it did)
 
-Compiling needs TRITON_INTERPRET unset or 0 in this process; the script sets it to 0 before triton is
+Compiling needs TRITON_INTERPRET unset or 0 in this process; main() sets it to 0 before triton is
 imported, so run it as its own process (the CI test does).
 """
 
@@ -45,8 +45,6 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-os.environ["TRITON_INTERPRET"] = "0"  # before anything imports triton: compile, do not interpret
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -345,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    # Compile, do not interpret: set before anything imports triton (only this script's process and its
+    # workers; importing this module elsewhere changes nothing).
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        p.error("triton was imported with TRITON_INTERPRET set: run this script as its own process")
+    os.environ["TRITON_INTERPRET"] = "0"
     rows = run_report(args.target or ["sm_90a"], args.all_precisions, args.kernel, args.jobs)
     print(_fmt(rows), flush=True)
     if args.csv:

@@ -237,6 +237,8 @@ def main() -> int:
         hook, block_len, name = spec["sae"]["hook"], spec["block_len"], args.shape
         sae = random_sae(cfg.hidden_size, spec["sae"]["d_sae"], spec["sae"]["architecture"], hook, device)
         n_blocks = args.tokens // block_len
+        if n_blocks < 1:
+            ap.error(f"--tokens must be at least one block ({block_len} tokens for {args.shape})")
         ids = torch.randint(3, cfg.vocab_size, (n_blocks, block_len))
         ids[:, 0] = cfg.bos_token_id
         mask = torch.ones_like(ids, dtype=torch.bool)

@@ -85,3 +85,12 @@ def test_compile_report_sm90a(tmp_path):
         f"{r['variant']} {r['config']}: {r['loop_spills']} LDL/STL" for r in in_loop)
     for r in encode:  # the GEMMs are on the tensor cores
         assert int(r["mma"]) > 0 and int(r["regs"]) > 0, r
+
+
+@pytest.mark.parametrize("argv,message", [(["--jobs", "0"], "--jobs must be at least 1"),
+                                          (["--target", "sm_70"], "invalid choice")])
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    mod = _load_report_module()
+    with pytest.raises(SystemExit) as exc:
+        mod.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
