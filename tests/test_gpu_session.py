@@ -43,7 +43,8 @@ def test_small_run_end_to_end(tmp_path):
     kernels = list(csv.DictReader((out / "kernels.csv").open()))
     triton_rows = [r for r in kernels if r["backend"] == "triton"]
     assert {r["model"] for r in triton_rows} == {"pythia-70m-small", "gemma-2-2b-small"}
-    assert all("deterministic" in r["note"] and "max|r-r_ref|" in r["note"] for r in triton_rows)
+    checked = [r for r in triton_rows if not r["variant"].startswith("topk")]  # TopK rows are timed only
+    assert checked and all("deterministic" in r["note"] and "max|r-r_ref|" in r["note"] for r in checked)
     assert any("bf16split3" in r["variant"] for r in triton_rows)  # 'auto' for the bf16 read-outs
     e2e = list(csv.DictReader((out / "e2e.csv").open()))
     assert {r["shape"] for r in e2e} == {"pythia-70m", "gemma-2-tiny"}

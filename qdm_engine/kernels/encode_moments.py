@@ -67,6 +67,8 @@ the two GEMMs round the boundary value differently.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from qdm_engine.kernels.backend import check_launchable, interpreting, tl, triton, use_triton
@@ -404,7 +406,7 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-_SPLIT_CACHE: dict = {}  # one entry per (SAE tensors, version, parts): the split is made once per SAE
+_SPLIT_CACHE: list = []  # (weak refs, versions, parts, split): the split is made once per SAE, at most 4 kept
 
 
 def split_encoder(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, parts: int):
@@ -414,11 +416,13 @@ def split_encoder(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
     in float64 and rounded once to float32. Then (x - b_dec) @ W_enc + b_enc = x @ (hi + lo + lo2) + bias,
     and a bf16 read-out x times a bf16 part is exact in float32. Cached per SAE (the runner calls this
     once per batch with the same tensors)."""
-    key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), _version(t), t.dtype) for t in (W_enc, b_enc, b_dec))
-    key += (parts, W_enc.device)
-    hit = _SPLIT_CACHE.get(key)
-    if hit is not None:
-        return hit
+    # The same tensor objects (weak references: a freed SAE's memory may be reused by the next one at the
+    # same address), unchanged since (version counters), split into as many parts.
+    tensors = (W_enc, b_enc, b_dec)
+    versions = tuple(_version(t) for t in tensors)
+    for refs, vers, n_parts, hit in _SPLIT_CACHE:
+        if n_parts == parts and vers == versions and all(r() is t for r, t in zip(refs, tensors)):
+            return hit
     w = W_enc.detach().t().to(torch.float32).contiguous()  # [F, d]
     hi = w.to(torch.bfloat16)
     rest = w - hi.to(torch.float32)  # exact: the residual of a rounding to 8 bits fits float32
@@ -429,9 +433,8 @@ def split_encoder(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
     for lo_f in range(0, w.shape[0], 4096):  # float64 copies of 4096 features at a time
         bias[lo_f:lo_f + 4096] -= w[lo_f:lo_f + 4096].to(torch.float64) @ b64
     out = (hi.t(), lo.t(), lo2.t(), bias.to(torch.float32))
-    if len(_SPLIT_CACHE) >= 4:
-        _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
-    _SPLIT_CACHE[key] = out
+    _SPLIT_CACHE[:] = [e for e in _SPLIT_CACHE if all(r() is not None for r in e[0])][-3:]
+    _SPLIT_CACHE.append((tuple(weakref.ref(t) for t in tensors), versions, parts, out))
     return out
 
 
@@ -524,11 +527,11 @@ def encode_moments_partials_triton(
     part = torch.full((n_groups, _N_STATS, n_feat), float("nan"), dtype=torch.float64, device=device)
 
     # The kernel indexes the vectors with unit stride; 2-D operands go with their strides.
-    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
     split = SPLIT_PRECISIONS.get(precision, 0)
     w0 = w1 = w2 = W_enc
-    if split:
+    if split:  # the SAE's own tensors: the cache knows them by identity
         w0, w1, w2, b_enc = split_encoder(W_enc, b_enc, b_dec, split)
+    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
     args = (
         x_fp, x_c, w0, w1, w2, b_enc, b_dec,
         threshold.contiguous() if threshold is not None else b_enc, sel_f, sel_c,

@@ -382,3 +382,15 @@ def test_autotuners_pinned_to_one_config_per_path():
         assert len(kept) == 1 and (kept[0].kwargs, kept[0].num_warps, kept[0].num_stages) in allowed
     # the unpinned lists: the per-path config sets the compile report checks
     assert len(em.configs_for(0)) >= 2 and len(em.configs_for(3)) >= 2
+
+
+def test_split_cache_follows_the_tensors_not_their_addresses():
+    """A new SAE in a freed SAE's memory, or an SAE edited in place, gets a fresh split."""
+    _, _, W, b_enc, b_dec = _random_bf16_case(seed=105)
+    first = em.split_encoder(W, b_enc, b_dec, 3)
+    with torch.no_grad():
+        W.mul_(2)  # in place: same object, new version
+    again = em.split_encoder(W, b_enc, b_dec, 3)
+    assert again is not first and torch.equal(again[0].double() + again[1].double() + again[2].double(), W.double())
+    other = W.clone()  # equal values, another tensor: its own entry
+    assert em.split_encoder(other, b_enc, b_dec, 3) is not again
