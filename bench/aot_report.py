@@ -68,6 +68,10 @@ def _config_label(cfg) -> str:
 # Types of the fused encode's arguments by name; every other non-constexpr argument is an i32 (sizes,
 # strides). "x" takes the read-outs' dtype, "w" the weight parts' (float32 W_enc, or its bf16 split).
 # Unit strides are specialised to 1, as a launch on contiguous tensors specialises them.
+# Integer arguments a launch marks 16-divisible at the engine's shapes (d 512/2304, F 16384/32768, groups
+# of 256-token multiples); T and the group count are not.
+_ENCODE_DIVISIBLE = ("D", "F", "tokens_per_group", "stride_xf_t", "stride_xc_t", "stride_w_d", "stride_w_f",
+                     "stride_self_t", "stride_selc_t", "stride_part_g", "stride_part_s")
 _ENCODE_PTRS = {"XF": "x", "XC": "x", "W": "w", "W_LO": "w", "W_LO2": "w", "B_ENC": "*fp32", "B_DEC": "*fp32",
                 "THR": "*fp32", "SEL_F": "*i32", "SEL_C": "*i32", "MASK": "*u8", "PART": "*fp64"}
 
@@ -82,10 +86,10 @@ def _encode_cases(mod, all_precisions: bool) -> list[dict]:
     resolve = getattr(mod, "resolve_precision", lambda p, *dt: p)
     configs_for = getattr(mod, "configs_for", lambda split: mod._encode_moments_tuned.configs)
     modes = {"relu": mod._MODE_RELU, "jumprelu": mod._MODE_JUMPRELU, "topk": mod._MODE_TOPK}
+    import torch
+
     cases = []
     for x_dtype, torch_dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
-        import torch
-
         dt = getattr(torch, torch_dtype)
         if all_precisions:
             precisions = [p for p in mod.PRECISIONS if p != "auto" and (x_dtype == "bf16" or p not in split_of)]
@@ -105,8 +109,7 @@ def _encode_cases(mod, all_precisions: bool) -> list[dict]:
                     consts = {a: v for a, v in {**base, **cfg.kwargs}.items() if a in fn.arg_names}
                     sig_k = {a: sig.get(a, "i32") for a in fn.arg_names if a not in consts}
                     cases.append(dict(kernel=fn, variant=f"x={x_dtype},{mode_name},{prec}", signature=sig_k,
-                                      constexprs=consts, divisible=("D", "F", "stride_w_d", "stride_w_f"),
-                                      config=cfg))
+                                      constexprs=consts, divisible=_ENCODE_DIVISIBLE, config=cfg))
     return cases
 
 

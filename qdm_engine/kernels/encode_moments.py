@@ -526,11 +526,11 @@ def encode_moments_partials_triton(
     n_groups = triton.cdiv(n_tok, int(tokens_per_group))
     part = torch.full((n_groups, _N_STATS, n_feat), float("nan"), dtype=torch.float64, device=device)
 
-    # The kernel indexes the vectors with unit stride; 2-D operands go with their strides.
     split = SPLIT_PRECISIONS.get(precision, 0)
     w0 = w1 = w2 = W_enc
     if split:  # the SAE's own tensors: the cache knows them by identity
         w0, w1, w2, b_enc = split_encoder(W_enc, b_enc, b_dec, split)
+    # The kernel indexes the vectors with unit stride; 2-D operands go with their strides.
     b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
     args = (
         x_fp, x_c, w0, w1, w2, b_enc, b_dec,
