@@ -37,8 +37,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# One autotuning per kernel and key across processes (cached on disk); the chosen config is printed.
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -173,10 +176,19 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def encode_config() -> str:
+    """The fused encode's autotuned config(s) so far, for the log ('' when none was tuned)."""
+    from qdm_engine.kernels import encode_moments as em
+
+    cache = getattr(em._encode_moments_tuned, "cache", None) or {}
+    return "".join(f"; encode config {','.join(f'{k}={v}' for k, v in c.kwargs.items())},w{c.num_warps},s{c.num_stages}"
+                   for c in cache.values())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shape", choices=["pythia-70m", "gemma-2-2b"])
+    src.add_argument("--shape", choices=sorted(p.stem for p in (HERE / "configs").glob("*.json")))
     src.add_argument("--default", action="store_true", help="the embedded default model and SAE")
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--bits", default="8..4")
@@ -217,12 +229,16 @@ def main() -> int:
         dtype = getattr(torch, spec["dtype"]["cuda" if device.startswith("cuda") else "cpu"])
         mcfg = dict(spec["model"])
         cfg = AutoConfig.for_model(mcfg.pop("model_type"), **mcfg)
+        from qdm_engine.engine.models import faithful_attention
+
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        model = model.eval().requires_grad_(False)
+        model = faithful_attention(model).eval().requires_grad_(False)  # Gemma-2: eager keeps the soft-cap
         hook, block_len, name = spec["sae"]["hook"], spec["block_len"], args.shape
         sae = random_sae(cfg.hidden_size, spec["sae"]["d_sae"], spec["sae"]["architecture"], hook, device)
         n_blocks = args.tokens // block_len
+        if n_blocks < 1:
+            ap.error(f"--tokens must be at least one block ({block_len} tokens for {args.shape})")
         ids = torch.randint(3, cfg.vocab_size, (n_blocks, block_len))
         ids[:, 0] = cfg.bos_token_id
         mask = torch.ones_like(ids, dtype=torch.bool)
@@ -259,7 +275,7 @@ def main() -> int:
             sync(device)
             secs = time.perf_counter() - t
         results[pipe] = (secs, mem.peak, r_by_condition(runs), tokens)
-        print(f"  {pipe} done in {secs:.2f} s", flush=True)
+        print(f"  {pipe} done in {secs:.2f} s{encode_config()}", flush=True)
     diff = float("nan")  # max |r_naive - r_engine| over features and conditions, on the naive's tokens
     if not args.skip_naive:
         n_naive = min(blocks.n_blocks, -(-(args.naive_tokens or tokens) // block_len))

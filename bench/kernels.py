@@ -40,15 +40,20 @@ from pathlib import Path
 
 if "--interpret" in sys.argv:  # must be set before anything imports triton
     os.environ["TRITON_INTERPRET"] = "1"
+# One autotuning per kernel and key across processes (the choice is cached on disk), so a rerun uses
+# the config the first run chose; the chosen configs are printed and written to the CSV notes.
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qdm_engine.kernels.backend import HAS_TRITON, interpreting  # noqa: E402
+from qdm_engine.kernels import encode_moments as _em  # noqa: E402
 from qdm_engine.kernels.encode_moments import (  # noqa: E402
     encode_moments_reference,
     encode_moments_triton,
+    resolve_precision,
 )
 from qdm_engine.kernels.fake_quant import fake_quant_reference, fake_quant_triton  # noqa: E402
 from qdm_engine.kernels.prune import (  # noqa: E402
@@ -313,6 +318,42 @@ def _reference_fits(t: int, f: int, device: torch.device) -> tuple[bool, float]:
     return need < 0.7 * free, need / 1e9
 
 
+def dr_tolerance(precision: str, tol: float) -> float:
+    """Largest max |r - r_ref| accepted against the float32 reference: `tol` for the float32-accurate paths,
+    100x for one tf32 product, 10x for the ~16-bit paths (bf16split2, bf16x3); bench/gemm_accuracy.py
+    has their errors against float64."""
+    return tol * (100 if precision == "tf32" else 10 if precision in ("bf16split2", "bf16x3") else 1)
+
+
+def chosen_configs() -> str:
+    """The encode kernel's autotuned choices so far ('' when nothing was autotuned)."""
+    cache = getattr(_em._encode_moments_tuned, "cache", None) or {}
+    if not cache:
+        return ""
+    cfg = list(cache.values())[-1]
+    kw = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"; config {kw},w{cfg.num_warps},s{cfg.num_stages}"
+
+
+def compiled_encode_kernels() -> list[str]:
+    """One line per compiled variant of the fused encode in this process: its block sizes, path, warps,
+    stages and what the driver reports (registers, spills per thread, shared memory)."""
+    lines = []
+    fn = _em._encode_moments_kernel
+    for dev, cache in getattr(fn, "device_caches", {}).items():
+        for k in (cache[0] if isinstance(cache, tuple) else {}).values():
+            try:
+                consts = {fn.arg_names[key[0]]: v for key, v in getattr(k.src, "constants", {}).items()
+                          if isinstance(key, tuple) and key and isinstance(key[0], int)}
+                shown = ",".join(f"{n}={consts[n]}" for n in ("BLOCK_T", "BLOCK_F", "BLOCK_D", "SPLIT", "PRECISION",
+                                                                "MODE") if n in consts)
+                lines.append(f"compiled encode [{shown}] warps={k.metadata.num_warps} stages={k.metadata.num_stages} "
+                             f"n_regs={k.n_regs} n_spills={k.n_spills} smem={k.metadata.shared}")
+            except Exception as exc:  # noqa: BLE001 - a report line, never a failure
+                lines.append(f"compiled encode: (unreadable: {exc})")
+    return lines
+
+
 def bench_encode(m: ModelShapes, args, timer, device, ceilings, use_triton) -> list[Row]:
     rows = []
     d, f = m.sae_d, m.sae_f
@@ -326,10 +367,9 @@ def bench_encode(m: ModelShapes, args, timer, device, ceilings, use_triton) -> l
     for t in tokens:
         x_fp = torch.randn(t, d, device=device, generator=g).to(m.dtype)
         x_c = (x_fp.float() + 0.1 * torch.randn(t, d, device=device, generator=g)).to(m.dtype)
-        mask = torch.ones(t, dtype=torch.bool, device=device)
-        mask[:: 256 if "gemma" in m.name else 512] = False  # BOS positions
+        mask = None  # as the runner calls it: scored rows are selected before the encode
         flops = 2 * 2 * t * d * f  # two GEMMs
-        nbytes = 2 * t * d * x_fp.element_size() + d * f * 4 + t  # both read-outs, W once, the mask
+        nbytes = 2 * t * d * x_fp.element_size() + d * f * 4  # both read-outs, W once
         gpu = device.type == "cuda"  # a CPU's bf16 matmul is its slow path: compare with float32 there
         common = dict(op="encode_moments", model=m.name, shape=f"T={t} d={d} F={f}", dtype=_SHORT[m.dtype],
                       ceiling_kind="bf16 matmul TFLOP/s" if gpu else "fp32 matmul TFLOP/s",
@@ -348,27 +388,43 @@ def bench_encode(m: ModelShapes, args, timer, device, ceilings, use_triton) -> l
                             note=f"skipped: needs ~{need_gb:.0f} GB"))
         if not use_triton:
             continue
-        for precision in args.precisions:
-            rate = ceilings["matmul_tf32_TFLOPs"] / (3 if precision == "tf32x3" else 1)
+        done = set()
+        for asked in args.precisions:
+            try:
+                precision = resolve_precision(asked, m.dtype)
+            except ValueError:  # a bf16 split path for float32 read-outs: not a path the engine takes
+                continue
+            if precision in done:
+                continue
+            done.add(precision)
+            if precision.startswith("bf16split"):
+                rate, rate_note = ceilings["matmul_bf16_TFLOPs"] / int(precision[-1]), f"bf16/{precision[-1]}"
+            else:
+                rate = ceilings["matmul_tf32_TFLOPs"] / (3 if precision in ("tf32x3", "bf16x3") else 1)
+                rate_note = "tf32/3" if precision in ("tf32x3", "bf16x3") else "tf32"
             floor = None if precision == "ieee" else max(flops / (rate * 1e12), nbytes / (ceilings["copy_GBps"] * 1e9)) * 1e3
             res = encode_moments_triton(x_fp, x_c, W, b_enc, b_dec, thr, None, mask, precision=precision)
-            note = f"floor: tf32{'/3' if precision == 'tf32x3' else ''} rate"
+            note = f"floor: {rate_note} rate"
             if r_ref is not None:
                 r = res.pearson()
                 both = ~torch.isnan(r) & ~torch.isnan(r_ref)
                 same_nan = bool(torch.equal(torch.isnan(r), torch.isnan(r_ref)))
                 err = float((r[both] - r_ref[both]).abs().max()) if both.any() else 0.0
-                note += f"; max|r-r_ref| {err:.1e}{'' if same_nan else ' NaN PATTERN DIFFERS'}"
+                tol = dr_tolerance(precision, args.dr_tol)
+                note += f"; max|r-r_ref| {err:.1e}{'' if err <= tol else f' EXCEEDS TOLERANCE {tol:.0e}'}"
+                note += "" if same_nan else " NaN PATTERN DIFFERS"
             again = encode_moments_triton(x_fp, x_c, W, b_enc, b_dec, thr, None, mask, precision=precision)
             note += "; deterministic" if torch.equal(res.pack(), again.pack()) else "; NOT DETERMINISTIC"
             tt = timer(lambda: encode_moments_triton(x_fp, x_c, W, b_enc, b_dec, thr, None, mask, precision=precision))
-            rows.append(Row(**common, variant=f"{act} {precision}", backend="triton", ms=tt,
+            note += chosen_configs()
+            label = precision if asked == precision else f"{asked}={precision}"
+            rows.append(Row(**common, variant=f"{act} {label}", backend="triton", ms=tt,
                             tflops=flops / (tt * 1e-3) / 1e12, floor_ms=floor,
                             speedup=None if t_ref is None else t_ref / tt, note=note))
         if t == tokens[0] and args.topk:  # the TopK path (selection GEMM + bitmask) at the smallest T
             k = 32 if f >= 1024 else 8
             ttk = timer(lambda: encode_moments_triton(x_fp, x_c, W, b_enc, b_dec, None, k, mask))
-            rows.append(Row(**common, variant=f"topk{k} tf32x3", backend="triton", ms=ttk,
+            rows.append(Row(**common, variant=f"topk{k} {resolve_precision('auto', m.dtype)}", backend="triton", ms=ttk,
                             tflops=flops / (ttk * 1e-3) / 1e12, note="incl. torch selection GEMM + topk"))
         del x_fp, x_c
     return rows
@@ -386,7 +442,11 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="pythia,gemma", help="comma list of: " + ",".join(MODELS))
     p.add_argument("--ops", default="fake_quant,prune,encode", help="comma list of: fake_quant,prune,encode")
     p.add_argument("--tokens", default=None, help="comma list of token counts for encode (default per model)")
-    p.add_argument("--precisions", default="tf32x3,tf32", help="encode GEMM precisions to time")
+    p.add_argument("--precisions", default="auto,tf32x3",
+                   help="encode GEMM precisions to time ('auto' is what the engine uses for the model's dtype)")
+    p.add_argument("--dr-tol", type=float, default=1e-4,
+                   help="fail when an encode path's max |r - r_ref| exceeds this (x100 for tf32, x10 for the "
+                        "16-bit paths)")
     p.add_argument("--bits", type=int, default=6)
     p.add_argument("--sparsity", type=float, default=0.175)
     p.add_argument("--no-topk", dest="topk", action="store_false", help="skip the TopK encode row")
@@ -397,6 +457,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.tokens = None if args.tokens is None else tuple(int(x) for x in args.tokens.split(","))
     args.precisions = tuple(x for x in args.precisions.split(",") if x)
+    unknown = [x for x in args.precisions if x not in _em.PRECISIONS]
+    if unknown:
+        p.error(f"--precisions: unknown {unknown}; choose from {','.join(_em.PRECISIONS)}")
 
     if args.cpu:
         torch.set_num_threads(max(1, args.threads))
@@ -429,6 +492,7 @@ def main(argv=None) -> int:
               + "the kernels need a GPU for real figures")
     rows: list[Row] = []
     for mm in models:
+        done = len(rows)
         if "fake_quant" in ops:
             rows += bench_fake_quant(mm, args, timer, device, ceilings, use_triton)
         if "prune" in ops:
@@ -437,12 +501,20 @@ def main(argv=None) -> int:
             rows += bench_encode(mm, args, timer, device, ceilings, use_triton)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if not args.no_csv:  # each model's rows as soon as they exist: a run cut short keeps them
+            write_csv(rows[done:], args.csv, device_name, ceilings, triton_version)
+        print_table(rows[done:])
+        sys.stdout.flush()
+    if use_triton and device.type == "cuda":
+        for line in compiled_encode_kernels():
+            print(line)
     print()
     print_table(rows)
     if not args.no_csv:
-        write_csv(rows, args.csv, device_name, ceilings, triton_version)
         print(f"\nappended {len(rows)} rows to {args.csv}")
-    bad = [r for r in rows if "MISMATCH" in r.note or "DIFFERS" in r.note or "NOT DETERMINISTIC" in r.note]
+    bad = [r for r in rows if any(w in r.note for w in ("MISMATCH", "DIFFERS", "NOT DETERMINISTIC", "EXCEEDS"))]
+    for r in bad:
+        print(f"FAILED: {r.op} {r.model} {r.shape} {r.variant}: {r.note}", file=sys.stderr)
     return 1 if bad else 0
 
 

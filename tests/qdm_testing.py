@@ -64,7 +64,11 @@ def build_tiny_model(path: Path, family: str = "llama", seed: int = 0) -> Path:
 
 def build_sae(path: Path, arch: str = "standard", d_in: int = D_MODEL, d_sae: int = 128,
               hook: str = "blocks.1.hook_resid_post", seed: int = 0, **extra) -> Path:
-    """A random SAELens SAE saved with SAELens's own save_model (b_enc shifted so features fire sometimes)."""
+    """A random SAELens SAE saved with SAELens's own save_model (b_enc shifted so features fire sometimes).
+    Skips the calling test where sae_lens is not installed (the GPU image has none)."""
+    import pytest
+
+    pytest.importorskip("sae_lens", reason="sae_lens is not installed: this test builds its SAE with it")
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 

@@ -222,6 +222,14 @@ def check_model_source(model: str | None, gguf_file: str | None = None) -> None:
                        "save the tokenizer into it (tokenizer.save_pretrained) and pass it to --model again")
 
 
+def faithful_attention(lm: torch.nn.Module) -> torch.nn.Module:
+    """Use eager attention where the model's attention has a logit soft-cap (Gemma-2): transformers picks
+    SDPA by default, which drops the soft-cap (tanh(s / cap) * cap) and so changes what is audited."""
+    if getattr(lm.config, "attn_logit_softcapping", None) and hasattr(lm, "set_attn_implementation"):
+        lm.set_attn_implementation("eager")
+    return lm
+
+
 def load_model(
     model: str | None = None,
     gguf_file: str | None = None,
@@ -261,7 +269,7 @@ def load_model(
             f"could not load model '{model or gguf_file}': {_first_line(exc)} "
             "(check the path or hub id; hub ids need the network or a local HF cache)"
         ) from exc
-    lm = lm.to(device).eval().requires_grad_(False)
+    lm = faithful_attention(lm).to(device).eval().requires_grad_(False)
     identity = {
         "source": model if gguf_file is None else f"{model or source}::{kwargs['gguf_file']}",
         **model_identity(lm),

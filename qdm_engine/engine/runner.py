@@ -177,19 +177,25 @@ def run_conditions(
         so the results are those of the whole batch.
         """
         n_rows = batch.ids.shape[0]
-        rows = split["rows"] or n_rows
-        try:
-            if rows >= n_rows:
-                parts = [forward_once(batch)]
-            else:
-                parts = [forward_once(batch.rows(i, i + rows)) for i in range(0, n_rows, rows)]
-        except torch.OutOfMemoryError:
-            if rows == 1:
-                raise
+        while True:
+            rows = split["rows"] or n_rows
+            failed = False
+            try:
+                if rows >= n_rows:
+                    parts = [forward_once(batch)]
+                else:
+                    parts = [forward_once(batch.rows(i, i + rows)) for i in range(0, n_rows, rows)]
+            except torch.OutOfMemoryError:
+                if rows == 1:
+                    raise
+                failed = True
+            if not failed:
+                break
+            # Retried outside the except block: a live exception's traceback holds the failed forward's
+            # frames, and so its activations, which empty_cache could not then free.
             split["rows"] = (rows + 1) // 2
             if on_cuda:
                 torch.cuda.empty_cache()
-            return forward(batch)
         if len(parts) == 1:
             return parts[0]
         xs = {h: torch.cat([p[0][h] for p in parts]) for h in sites}

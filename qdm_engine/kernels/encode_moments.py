@@ -17,10 +17,14 @@ The fused kernel
 ----------------
 Program (g, f) owns a tile of BLOCK_F features and a contiguous range of `tokens_per_group` tokens
 (a "group"); the 1-D grid numbers programs group-fastest, so the programs in flight together read
-the same W_enc columns (from L2). It walks its range BLOCK_T tokens at a time; for each token tile it runs the K loop over
-d, loading one W_enc tile [BLOCK_D, BLOCK_F] and using it for both GEMMs (x_fp and x_c tiles, with
-b_dec subtracted in float32), accumulating in float32 with `tl.dot`. The epilogue adds b_enc, applies
-the activation and reduces the tile over its valid tokens (t < T and mask[t]):
+the same W_enc columns (from L2). It walks its range BLOCK_T tokens at a time; for each token tile it
+runs the K loop over d, loading one W_enc^T tile [BLOCK_F, BLOCK_D] and using it for both GEMMs
+(acc[f, t] += W^T tile @ x^T tile for the x_fp and x_c tiles), accumulating in float32 with `tl.dot`.
+Features run along the tile's rows and tokens along its columns, so every reduction below is along
+the token axis and each thread keeps the running moments of only the few features of its rows (with
+tokens on the rows each thread held ~32 features' float64 moments: 255 registers and 5-15 KB of
+spills per thread on sm_90a; bench/results/aot-*.csv). The epilogue adds b_enc, applies the
+activation and reduces the tile over its valid tokens (t < T and mask[t]):
   * the shift c = the float32 tile mean; in float64, over the tile's <= BLOCK_T tokens, the
     deviations x - c (exact: both are float32), s1 = sum(x - c), s2 = sum((x - c)^2) and
     sxy = sum((x - c_x)(y - c_y)) (products of float32-sized values, exact), with fire counts and
@@ -32,17 +36,25 @@ the activation and reduces the tile over its valid tokens (t < T and mask[t]):
   Float32 sums here were tried first and cost r about 1e-6 on very sparse features (one firing in a
   tile). The float64 tile work is ~14 float64 operations per activation pair, against 4*d
   tensor-core operations (times 3 for tf32x3) for the two GEMMs: a few per cent of the GEMM time at
-  d >= 512 on an H100 (67 TFLOP/s float64 against ~500 TFLOP/s tf32), to be confirmed on the GPU,
-  as is the register pressure of the float64 epilogue on large tiles (the autotuner drops configs
-  that spill badly only by timing them).
+  d >= 512 on an H100 (34 TFLOP/s float64 against ~500 TFLOP/s tf32), to be confirmed on the GPU.
+  The autotune configs are those the compile report (bench/aot_report.py) shows free of heavy spills.
 Each program writes its group's moments (the 9 FeatureMoments fields, float64) to its own slot of a
 [G, 9, F] buffer; a second pass in torch merges the G groups with `FeatureMoments.merge` in group
 order. No atomics anywhere: the same inputs give bitwise the same result on every run.
 
-Precision of the GEMMs: `precision="tf32x3"` (default) splits each float32 operand into two tf32
-parts on the tensor cores (about float32 accuracy at three times the tf32 work); `"ieee"` is plain
-float32 FMA (slowest, closest to the reference); `"tf32"` is one tf32 product (fastest, ~1e-3
-relative error in pre-activations). The interpreter computes every mode as a numpy float32 matmul.
+Precision of the GEMMs (`precision=`):
+  * "auto" (default): "bf16split3" when both read-outs are bfloat16, else "tf32x3";
+  * "bf16split3" / "bf16split2" (bf16 read-outs only): W_enc split once per SAE on the host into bf16
+    parts hi + lo + lo2 (= W_enc exactly) or hi + lo (~16 significant bits), b_dec folded into the
+    bias in float64 (bias = b_enc - b_dec @ W_enc, rounded once to float32); the read-outs go to the
+    tensor cores as they are, each bf16 x bf16 product is exact and sums in float32: three (two) bf16
+    products per GEMM, at twice the tf32 rate;
+  * "tf32x3": float32 operands (b_dec subtracted in float32), each split into two tf32 parts (about
+    float32 accuracy at three times the tf32 work); "bf16x3": triton's three bf16 products of split
+    float32 operands; "tf32": one tf32 product (~1e-3 relative error in pre-activations); "ieee":
+    plain float32 FMA (slowest; spills heavily on the GPU).
+bench/gemm_accuracy.py measures each path's error in pre-activations and in r against float64.
+The interpreter computes every mode as a numpy float32 matmul of the operands it is given.
 
 TopK: the selection is made in torch, as the reference makes it: one extra GEMM per side computes
 the pre-activations (in token chunks, so at most `topk_chunk` x F floats at a time), `torch.topk`
@@ -55,13 +67,20 @@ the two GEMMs round the boundary value differently.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from qdm_engine.kernels.backend import check_launchable, interpreting, tl, triton, use_triton
 from qdm_engine.kernels.moments import FeatureMoments
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-PRECISIONS = ("tf32x3", "ieee", "tf32")
+# GEMM paths: float32 operands at a tl.dot input precision, or W_enc split into bf16 parts (bf16 read-outs).
+DOT_PRECISIONS = ("tf32x3", "ieee", "tf32", "bf16x3")
+SPLIT_PRECISIONS = {"bf16split3": 3, "bf16split2": 2}
+PRECISIONS = ("auto", *DOT_PRECISIONS, *SPLIT_PRECISIONS)
+DEFAULT_PRECISION = "auto"
+AUTO_BF16 = "bf16split3"  # "auto" for bf16 read-outs (bench/gemm_accuracy.py); tf32x3 for any other dtype
 
 _MODE_RELU, _MODE_JUMPRELU, _MODE_TOPK = 0, 1, 2
 _N_STATS = 9  # the FeatureMoments fields, in their order
@@ -150,42 +169,49 @@ def encode_moments_reference(
 
 @triton.jit
 def _activate(pre, thr, sel_words, offs_f, MODE: tl.constexpr):
-    # pre: float32 [BLOCK_T, BLOCK_F]; thr: [BLOCK_F] (JumpReLU); sel_words: int32 [BLOCK_T, BLOCK_F]
-    # holding, per element, the bitmask word of its feature (TopK).
+    # pre: float32 [BLOCK_F, BLOCK_T] (features on rows); thr: [BLOCK_F] (JumpReLU); sel_words: int32
+    # [BLOCK_F, BLOCK_T] holding, per element, the bitmask word of its feature (TopK).
     act = tl.maximum(pre, 0.0)
     if MODE == 1:
-        act = tl.where(pre > thr[None, :], act, 0.0)
+        act = tl.where(pre > thr[:, None], act, 0.0)
     if MODE == 2:
-        bit = (sel_words >> (offs_f % 32)[None, :]) & 1
+        bit = (sel_words >> (offs_f % 32)[:, None]) & 1
         act = tl.where(bit != 0, act, 0.0)
     return act
 
 
 @triton.jit
 def _tile_deviations(a, v, n_f):
-    # a: float32 activations [BLOCK_T, BLOCK_F], zero at invalid rows; v: bool [BLOCK_T, 1] valid rows;
-    # n_f: float32 count of valid rows (>= 1). Returns the shift c (the float32 tile mean) and the
-    # float64 deviations a - c, zero at invalid rows (a difference of two float32 values is exact in
-    # float64 unless their exponents are ~29 apart).
-    c = tl.sum(a, axis=0) / n_f
-    return c, tl.where(v, a.to(tl.float64) - c.to(tl.float64)[None, :], 0.0)
+    # a: float32 activations [BLOCK_F, BLOCK_T], zero at invalid tokens; v: bool [1, BLOCK_T] valid
+    # tokens; n_f: float32 count of valid tokens (>= 1). Returns the shift c (the float32 tile mean,
+    # per feature) and the float64 deviations a - c, zero at invalid tokens (a difference of two
+    # float32 values is exact in float64 unless their exponents are ~29 apart).
+    c = tl.sum(a, axis=1) / n_f
+    return c, tl.where(v, a.to(tl.float64) - c.to(tl.float64)[:, None], 0.0)
 
 
 @triton.jit
 def _encode_moments_kernel(
-    XF, XC, W, B_ENC, B_DEC, THR, SEL_F, SEL_C, MASK, PART,
+    XF, XC, W, W_LO, W_LO2, B_ENC, B_DEC, THR, SEL_F, SEL_C, MASK, PART,
     T, D, F, tokens_per_group, n_groups,
     stride_xf_t, stride_xf_d, stride_xc_t, stride_xc_d, stride_w_d, stride_w_f,
     stride_self_t, stride_selc_t, stride_part_g, stride_part_s,
     MODE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+    F32_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_F: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Programs are numbered group-fastest: the programs in flight together share W_enc tiles (the
-    # same feature tile across groups), which then come from L2.
+    # The tile has features on its rows and tokens on its columns: acc[f, t] = sum_d W[d, f] x[t, d],
+    # and every reduction runs along the token axis (1), so each thread keeps the running moments of
+    # only the few features of its rows. Programs are numbered group-fastest: the programs in flight
+    # together share W_enc tiles (the same feature tile across groups), which then come from L2.
+    # SPLIT = 0: W is float32 (any dtype), b_dec subtracted from the read-outs in float32, products at
+    # PRECISION. SPLIT = 2 or 3: W, W_LO (and W_LO2) are bf16 parts of W_enc (hi + lo (+ lo2)), the
+    # read-outs bf16 (exact in bf16), b_dec already folded into B_ENC: bf16 products, float32 sums.
     pid = tl.program_id(0)
     g = pid % n_groups
     offs_f = (pid // n_groups) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -208,55 +234,81 @@ def _encode_moments_kernel(
 
     t_start = g * tokens_per_group
     t_end = tl.minimum(t_start + tokens_per_group, T)
+    w_cols = offs_f[:, None] * stride_w_f
     for t0 in range(t_start, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < t_end
-        rows = offs_t.to(tl.int64)
-        acc_x = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.float32)
-        acc_y = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.float32)
+        cols = offs_t.to(tl.int64)
+        acc_x = tl.zeros([BLOCK_F, BLOCK_T], dtype=tl.float32)
+        acc_y = tl.zeros([BLOCK_F, BLOCK_T], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
-            b_dec = tl.load(B_DEC + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            m_x = t_ok[:, None] & d_ok[None, :]
-            xf = tl.load(XF + rows[:, None] * stride_xf_t + offs_d[None, :] * stride_xf_d, mask=m_x, other=0.0)
-            xc = tl.load(XC + rows[:, None] * stride_xc_t + offs_d[None, :] * stride_xc_d, mask=m_x, other=0.0)
-            w = tl.load(
-                W + offs_d[:, None] * stride_w_d + offs_f[None, :] * stride_w_f,
-                mask=d_ok[:, None] & f_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            # One W tile, two GEMMs. Padding columns are 0 - 0 = 0; padding rows are never scored.
-            acc_x = tl.dot(xf.to(tl.float32) - b_dec[None, :], w, acc_x, input_precision=PRECISION)
-            acc_y = tl.dot(xc.to(tl.float32) - b_dec[None, :], w, acc_y, input_precision=PRECISION)
+            m_x = d_ok[:, None] & t_ok[None, :]
+            m_w = f_ok[:, None] & d_ok[None, :]
+            w_ptr = w_cols + offs_d[None, :] * stride_w_d
+            xf = tl.load(XF + cols[None, :] * stride_xf_t + offs_d[:, None] * stride_xf_d, mask=m_x, other=0.0)
+            xc = tl.load(XC + cols[None, :] * stride_xc_t + offs_d[:, None] * stride_xc_d, mask=m_x, other=0.0)
+            if SPLIT == 0:
+                # One W tile, two GEMMs. Padding tokens are 0 - b_dec (never scored); padding d is 0 - 0.
+                w = tl.load(W + w_ptr, mask=m_w, other=0.0).to(tl.float32)
+                b_dec = tl.load(B_DEC + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+                acc_x = tl.dot(w, xf.to(tl.float32) - b_dec[:, None], acc_x, input_precision=PRECISION)
+                acc_y = tl.dot(w, xc.to(tl.float32) - b_dec[:, None], acc_y, input_precision=PRECISION)
+            else:
+                # bf16 x bf16 products are exact in float32; the small parts first. F32_DOT (the
+                # interpreter only: triton 3.7.1's interpreter multiplies bf16 operands' raw bits)
+                # widens the bf16 values to float32 first, which computes the same exact products.
+                if F32_DOT:
+                    xf = xf.to(tl.float32)
+                    xc = xc.to(tl.float32)
+                if SPLIT == 3:
+                    w2 = tl.load(W_LO2 + w_ptr, mask=m_w, other=0.0)
+                    if F32_DOT:
+                        w2 = w2.to(tl.float32)
+                    acc_x = tl.dot(w2, xf, acc_x)
+                    acc_y = tl.dot(w2, xc, acc_y)
+                w1 = tl.load(W_LO + w_ptr, mask=m_w, other=0.0)
+                w0 = tl.load(W + w_ptr, mask=m_w, other=0.0)
+                if F32_DOT:
+                    w1 = w1.to(tl.float32)
+                    w0 = w0.to(tl.float32)
+                acc_x = tl.dot(w1, xf, acc_x)
+                acc_y = tl.dot(w1, xc, acc_y)
+                acc_x = tl.dot(w0, xf, acc_x)
+                acc_y = tl.dot(w0, xc, acc_y)
 
         valid = t_ok
         if HAS_MASK:
             valid = valid & (tl.load(MASK + offs_t, mask=t_ok, other=0) != 0)
-        v = valid[:, None]
-        words_x = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.int32)
-        words_y = tl.zeros([BLOCK_T, BLOCK_F], dtype=tl.int32)
+        v = valid[None, :]
+        words_x = tl.zeros([BLOCK_F, BLOCK_T], dtype=tl.int32)
+        words_y = tl.zeros([BLOCK_F, BLOCK_T], dtype=tl.int32)
         if MODE == 2:
-            m_sel = t_ok[:, None] & f_ok[None, :]
-            words_x = tl.load(SEL_F + rows[:, None] * stride_self_t + (offs_f // 32)[None, :], mask=m_sel, other=0)
-            words_y = tl.load(SEL_C + rows[:, None] * stride_selc_t + (offs_f // 32)[None, :], mask=m_sel, other=0)
-        ax = tl.where(v, _activate(acc_x + b_enc[None, :], thr, words_x, offs_f, MODE), 0.0)
-        ay = tl.where(v, _activate(acc_y + b_enc[None, :], thr, words_y, offs_f, MODE), 0.0)
+            # One load per bitmask word ([BLOCK_F / 32, BLOCK_T]), broadcast to its 32 features.
+            offs_w = (pid // n_groups) * (BLOCK_F // 32) + tl.arange(0, BLOCK_F // 32)
+            m_sel = (offs_w < tl.cdiv(F, 32))[:, None] & t_ok[None, :]
+            wx = tl.load(SEL_F + cols[None, :] * stride_self_t + offs_w[:, None], mask=m_sel, other=0)
+            wy = tl.load(SEL_C + cols[None, :] * stride_selc_t + offs_w[:, None], mask=m_sel, other=0)
+            words_x = tl.reshape(tl.broadcast_to(wx[:, None, :], (BLOCK_F // 32, 32, BLOCK_T)), (BLOCK_F, BLOCK_T))
+            words_y = tl.reshape(tl.broadcast_to(wy[:, None, :], (BLOCK_F // 32, 32, BLOCK_T)), (BLOCK_F, BLOCK_T))
+        ax = tl.where(v, _activate(acc_x + b_enc[:, None], thr, words_x, offs_f, MODE), 0.0)
+        ay = tl.where(v, _activate(acc_y + b_enc[:, None], thr, words_y, offs_f, MODE), 0.0)
 
         # Deviations from the float32 tile mean, their products and sums in float64: in effect an
         # exact two-pass over the tile's float32 activations.
         n_t = tl.sum(valid.to(tl.int32), axis=0)
         n_f = tl.maximum(n_t, 1).to(tl.float32)
-        fires_x += tl.sum((v & (ax > 0.0)).to(tl.int32), axis=0)
-        fires_y += tl.sum((v & (ay > 0.0)).to(tl.int32), axis=0)
-        max_x = tl.maximum(max_x, tl.max(tl.where(v, ax, float("-inf")), axis=0))
+        fires_x += tl.sum((v & (ax > 0.0)).to(tl.int32), axis=1)
+        fires_y += tl.sum((v & (ay > 0.0)).to(tl.int32), axis=1)
+        max_x = tl.maximum(max_x, tl.max(tl.where(v, ax, float("-inf")), axis=1))
         c_x, dx64 = _tile_deviations(ax, v, n_f)
         c_y, dy64 = _tile_deviations(ay, v, n_f)
-        s1x = tl.sum(dx64, axis=0)
-        s1y = tl.sum(dy64, axis=0)
-        s2x = tl.sum(dx64 * dx64, axis=0)
-        s2y = tl.sum(dy64 * dy64, axis=0)
-        sxy = tl.sum(dx64 * dy64, axis=0)
+        s1x = tl.sum(dx64, axis=1)
+        s1y = tl.sum(dy64, axis=1)
+        s2x = tl.sum(dx64 * dx64, axis=1)
+        s2y = tl.sum(dy64 * dy64, axis=1)
+        sxy = tl.sum(dx64 * dy64, axis=1)
 
         # Float64: the tile's exact centred moments (c is not exactly the mean; s1 corrects for it),
         # then Chan's merge into the running ones.
@@ -291,22 +343,99 @@ def _encode_moments_kernel(
     tl.store(out + 8 * stride_part_s, max_x.to(tl.float64), mask=f_ok)
 
 
+# Autotune configs per GEMM path, (BLOCK_T, BLOCK_F, BLOCK_D, num_warps, num_stages), chosen from
+# bench/aot_report.py (sm_90a, triton 3.7.1): each spills at most ~0.6 KB per thread, none inside the
+# loop over d. Larger tiles (128 x 256, 128 x 128 x 64 with float32 operands) spill 0.8-6 KB, much of
+# it inside that loop; 4-warp 128-wide tiles spill 1.5-2.4 KB.
+_SPLIT_CONFIGS = [  # bf16 read-outs, W_enc in bf16 parts: bf16 operands are half the size of float32
+    (128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 8, 3), (64, 128, 64, 8, 3), (64, 256, 32, 8, 3),
+]
+_DOT_CONFIGS = [  # float32 operands (tf32x3 and the other tl.dot precisions)
+    (64, 128, 32, 8, 3), (64, 128, 32, 8, 4), (64, 128, 16, 8, 3), (64, 64, 32, 4, 3),
+]
+
+
+def _config(bt, bf, bd, warps, stages):
+    return triton.Config({"BLOCK_T": bt, "BLOCK_F": bf, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+
+
+def configs_for(split: int) -> list:
+    """The autotune configs of one GEMM path (split = 0: float32 operands; 2 or 3: bf16 parts)."""
+    return [_config(*c) for c in (_SPLIT_CONFIGS if split else _DOT_CONFIGS)]
+
+
 def _gpu_configs():
-    cfg = triton.Config
-    return [
-        cfg({"BLOCK_T": 128, "BLOCK_F": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_T": 128, "BLOCK_F": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_T": 128, "BLOCK_F": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_T": 64, "BLOCK_F": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-        cfg({"BLOCK_T": 64, "BLOCK_F": 256, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        cfg({"BLOCK_T": 128, "BLOCK_F": 128, "BLOCK_D": 32}, num_warps=8, num_stages=4),
-    ]
+    seen, out = set(), []
+    for c in _SPLIT_CONFIGS + _DOT_CONFIGS:
+        if c not in seen:
+            seen.add(c)
+            out.append(_config(*c))
+    return out
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    allowed = {(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_F"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+               for c in configs_for(int({**named_args, **kwargs}.get("SPLIT", 0)))}
+    keep = [c for c in configs
+            if (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_F"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) in allowed]
+    return keep or configs[:1]
 
 
 _encode_moments_tuned = triton.autotune(
     configs=_gpu_configs(),
-    key=["D", "F", "MODE", "HAS_MASK", "PRECISION"],
+    key=["D", "F", "MODE", "HAS_MASK", "PRECISION", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(_encode_moments_kernel)
+
+
+def resolve_precision(precision: str, *dtypes: torch.dtype) -> str:
+    """The GEMM path a launch uses: "auto" is AUTO_BF16 when every read-out is bf16, else tf32x3; a
+    bf16 split path needs bf16 read-outs (they are fed to the tensor cores as they are)."""
+    bf16 = all(dt == torch.bfloat16 for dt in dtypes)
+    if precision == "auto":
+        return AUTO_BF16 if bf16 else "tf32x3"
+    if precision in SPLIT_PRECISIONS and not bf16:
+        raise ValueError(f"precision {precision!r} needs bfloat16 read-outs, got {sorted({str(d) for d in dtypes})}")
+    return precision
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter (and cannot be edited in place)
+        return -1
+
+
+_SPLIT_CACHE: list = []  # (weak refs, versions, parts, split): the split is made once per SAE, at most 4 kept
+
+
+def split_encoder(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, parts: int):
+    """W_enc as bf16 parts (hi, lo, lo2) with hi + lo (+ lo2) = W_enc (exactly, for 3 parts and a float32
+    W_enc of normal range), laid out [F, d] contiguous (returned as [d, F] views) so the kernel's
+    feature-major tile reads along d; and the bias with b_dec folded in, b_enc - b_dec @ W_enc, computed
+    in float64 and rounded once to float32. Then (x - b_dec) @ W_enc + b_enc = x @ (hi + lo + lo2) + bias,
+    and a bf16 read-out x times a bf16 part is exact in float32. Cached per SAE (the runner calls this
+    once per batch with the same tensors)."""
+    # The same tensor objects (weak references: a freed SAE's memory may be reused by the next one at the
+    # same address), unchanged since (version counters), split into as many parts.
+    tensors = (W_enc, b_enc, b_dec)
+    versions = tuple(_version(t) for t in tensors)
+    for refs, vers, n_parts, hit in _SPLIT_CACHE:
+        if n_parts == parts and vers == versions and all(r() is t for r, t in zip(refs, tensors)):
+            return hit
+    w = W_enc.detach().t().to(torch.float32).contiguous()  # [F, d]
+    hi = w.to(torch.bfloat16)
+    rest = w - hi.to(torch.float32)  # exact: the residual of a rounding to 8 bits fits float32
+    lo = rest.to(torch.bfloat16)
+    lo2 = (rest - lo.to(torch.float32)).to(torch.bfloat16) if parts == 3 else lo
+    bias = b_enc.detach().to(torch.float64).clone()
+    b64 = b_dec.detach().to(torch.float64)
+    for lo_f in range(0, w.shape[0], 4096):  # float64 copies of 4096 features at a time
+        bias[lo_f:lo_f + 4096] -= w[lo_f:lo_f + 4096].to(torch.float64) @ b64
+    out = (hi.t(), lo.t(), lo2.t(), bias.to(torch.float32))
+    _SPLIT_CACHE[:] = [e for e in _SPLIT_CACHE if all(r() is not None for r in e[0])][-3:]
+    _SPLIT_CACHE.append((tuple(weakref.ref(t) for t in tensors), versions, parts, out))
+    return out
 
 
 def _topk_bitmask(x: torch.Tensor, W_enc, b_enc, b_dec, k: int, chunk: int) -> torch.Tensor:
@@ -331,7 +460,7 @@ def encode_moments_partials_triton(
     k: int | None = None,
     mask: torch.Tensor | None = None,
     *,
-    precision: str = "tf32x3",
+    precision: str = DEFAULT_PRECISION,
     tokens_per_group: int | None = None,
     block_t: int | None = None,
     block_f: int | None = None,
@@ -346,7 +475,8 @@ def encode_moments_partials_triton(
 
     Accepts x_fp, x_c [T, d] and W_enc [d, F] in float32/bfloat16/float16 (any strides), b_enc [F],
     b_dec [d], threshold [F] (JumpReLU) of any of those dtypes, k in 1..F (TopK), mask bool [T]; all
-    on one CUDA device (or CPU under TRITON_INTERPRET=1). precision: "tf32x3" | "ieee" | "tf32".
+    on one CUDA device (or CPU under TRITON_INTERPRET=1). precision: one of PRECISIONS (module docstring;
+    "auto" picks bf16split3 for bf16 read-outs, else tf32x3).
     tokens_per_group: tokens each program reduces (default: enough groups to fill the GPU; one group
     in the interpreter). block_t / block_f / block_d (powers of two, >= 16) fix the tile instead of
     the autotuned (GPU) or default (interpreter) choice; give all three or none. topk_chunk: tokens per
@@ -359,6 +489,7 @@ def encode_moments_partials_triton(
             raise ValueError(f"{name} must be float32/bfloat16/float16, got {t.dtype}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    precision = resolve_precision(precision, x_fp.dtype, x_c.dtype)
     blocks = (block_t, block_f, block_d)
     if any(b is not None for b in blocks):
         if any(b is None for b in blocks):
@@ -395,18 +526,23 @@ def encode_moments_partials_triton(
     n_groups = triton.cdiv(n_tok, int(tokens_per_group))
     part = torch.full((n_groups, _N_STATS, n_feat), float("nan"), dtype=torch.float64, device=device)
 
+    split = SPLIT_PRECISIONS.get(precision, 0)
+    w0 = w1 = w2 = W_enc
+    if split:  # the SAE's own tensors: the cache knows them by identity
+        w0, w1, w2, b_enc = split_encoder(W_enc, b_enc, b_dec, split)
     # The kernel indexes the vectors with unit stride; 2-D operands go with their strides.
     b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()
     args = (
-        x_fp, x_c, W_enc, b_enc, b_dec,
+        x_fp, x_c, w0, w1, w2, b_enc, b_dec,
         threshold.contiguous() if threshold is not None else b_enc, sel_f, sel_c,
         mask.contiguous().view(torch.uint8) if mask is not None else x_fp,
         part,
         n_tok, d, n_feat, int(tokens_per_group), n_groups,
-        x_fp.stride(0), x_fp.stride(1), x_c.stride(0), x_c.stride(1), W_enc.stride(0), W_enc.stride(1),
+        x_fp.stride(0), x_fp.stride(1), x_c.stride(0), x_c.stride(1), w0.stride(0), w0.stride(1),
         sel_f.stride(0), sel_c.stride(0), part.stride(0), part.stride(1),
     )
-    meta = dict(MODE=mode, HAS_MASK=mask is not None, PRECISION=precision)
+    meta = dict(MODE=mode, HAS_MASK=mask is not None, PRECISION="tf32" if split else precision, SPLIT=split,
+                F32_DOT=interpreting())
     if fixed:
         bt, bf, bd = (block_t, block_f, block_d) if block_t is not None else (64, 64, 64)
         _encode_moments_kernel[(n_groups * triton.cdiv(n_feat, bf),)](
@@ -452,7 +588,7 @@ def encode_moments(
     k: int | None = None,
     mask: torch.Tensor | None = None,
     *,
-    precision: str = "tf32x3",
+    precision: str = DEFAULT_PRECISION,
 ) -> FeatureMoments:
     """Dispatch point for the paired encode + moments: the fused Triton kernel on CUDA, else the reference."""
     if use_triton(x_fp, x_c, W_enc, b_enc, b_dec, threshold, mask):

@@ -59,3 +59,25 @@ def test_gguf_file_loads_through_transformers():
     with torch.no_grad(), read_out(model, "blocks.14.hook_resid_post") as ro:
         out = model(input_ids=ids, output_hidden_states=True)
     torch.testing.assert_close(ro.value, out.hidden_states[15], rtol=0, atol=0)
+
+
+
+def test_gemma2_loads_with_eager_attention_keeping_the_soft_cap(tmp_path, monkeypatch):
+    """transformers 5.17 picks SDPA for Gemma-2, which drops the attention logit soft-cap; load_model must
+    switch it to eager (newer transformers refuse SDPA there; the SDPA choice is simulated on the config)."""
+    from transformers import PreTrainedModel
+
+    from qdm_engine.engine.models import faithful_attention
+
+    real = PreTrainedModel.set_attn_implementation
+    calls = []
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation",
+                        lambda self, impl: calls.append(impl) or real(self, impl))
+    lm, _, _ = load_model(str(build_tiny_model(tmp_path / "g", "gemma2")), dtype=torch.float32, device="cpu",
+                          progress=False)
+    assert calls == ["eager"] and lm.config._attn_implementation == "eager"
+    lm.config._attn_implementation = "sdpa"  # what transformers 5.17 chose
+    assert faithful_attention(lm).config._attn_implementation == "eager"
+    calls.clear()
+    load_model(str(build_tiny_model(tmp_path / "l", "llama")), dtype=torch.float32, device="cpu", progress=False)
+    assert calls == []  # no soft-cap: the default attention is left alone

@@ -15,6 +15,8 @@ from qdm_engine.engine.training import (
 )
 from qdm_engine.errors import QdmError
 
+pytest.importorskip("sae_lens", reason="sae_lens is not installed: SAE training is built on it")
+
 
 def _load(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -110,8 +110,11 @@ def test_matches_float64_reference(activation, use_mask):
                                            (torch.bfloat16, torch.float16)])
 def test_half_precision_inputs(dtype, w_dtype):
     case = _dyadic_case(seed=5, dtype=dtype, w_dtype=w_dtype)
+    # tf32x3: exact on dyadic inputs, so the reduction alone is tested (the bf16 split paths fold b_dec
+    # into the bias, a second rounding: they are held to float64 in test_split_paths_against_float64)
     m = _fused(case["x_fp"], case["x_c"], case["W_enc"], case["b_enc"].to(dtype),
-                              case["b_dec"].to(dtype), case["threshold"].to(dtype), None, case["mask"], **BLOCKS)
+                              case["b_dec"].to(dtype), case["threshold"].to(dtype), None, case["mask"], **BLOCKS,
+                              precision="tf32x3")
     case["b_enc"], case["b_dec"] = case["b_enc"].to(dtype), case["b_dec"].to(dtype)
     _assert_moments(m, _expected(case, case["threshold"].to(dtype), None, case["mask"]))
 
@@ -313,3 +316,81 @@ def test_strided_inputs():
     thr2 = torch.stack([case["threshold"], case["threshold"]], dim=1)[:, 0]
     m = _fused(wide[:, :d], wide[:, d:], W_t, b_enc2, case["b_dec"], thr2, None, mask2, **BLOCKS)
     _assert_moments(m, _expected(case, case["threshold"], None, case["mask"]))
+
+
+def _random_bf16_case(seed, t=120, d=64, f=96):
+    """Non-dyadic bf16 read-outs and a float32 SAE with full mantissas (the split parts all matter)."""
+    g = torch.Generator().manual_seed(seed)
+    x_fp = (torch.randn(t, d, generator=g) + 0.3).to(torch.bfloat16)
+    x_c = (x_fp.float() + 0.2 * torch.randn(t, d, generator=g)).to(torch.bfloat16)
+    W = torch.randn(d, f, generator=g) / d**0.5
+    b_enc, b_dec = 0.1 * torch.randn(f, generator=g), 0.3 * torch.randn(d, generator=g)
+    return x_fp, x_c, W, b_enc, b_dec
+
+
+def _float64_truth(x_fp, x_c, W, b_enc, b_dec):
+    enc = lambda x: ((x.double() - b_dec.double()) @ W.double() + b_enc.double()).clamp_min(0).numpy()  # noqa: E731
+    return _float64_moments(enc(x_fp), enc(x_c))
+
+
+@pytest.mark.parametrize("precision,r_atol", [("bf16split3", 1e-6), ("auto", 1e-6), ("bf16split2", 1e-4)])
+def test_split_paths_against_float64(precision, r_atol):
+    """bf16 read-outs times W_enc's bf16 parts, b_dec folded into the bias in float64: r against the float64
+    encoding within 1e-6 (three parts, the "auto" choice for bf16) or 1e-4 (two parts: ~16-bit W_enc)."""
+    case = _random_bf16_case(seed=101)
+    m = _fused(*case, mask=None, precision=precision, **BLOCKS, tokens_per_group=48)
+    ref = _float64_truth(*case)
+    r = m.pearson().numpy()
+    ok = ~np.isnan(ref["r"])
+    assert ok.sum() > 50 and np.array_equal(np.isnan(r), np.isnan(ref["r"]))
+    np.testing.assert_allclose(r[ok], ref["r"][ok], rtol=0, atol=r_atol)
+    np.testing.assert_allclose(m.mean_x.numpy(), ref["mean_x"], rtol=0, atol=1e-5)
+    again = _fused(*case, mask=None, precision=precision, **BLOCKS, tokens_per_group=48)
+    assert torch.equal(m.pack(), again.pack())  # deterministic
+
+
+def test_split_encoder_parts_sum_to_w_enc_and_fold_b_dec():
+    _, _, W, b_enc, b_dec = _random_bf16_case(seed=103)
+    hi, lo, lo2, bias = em.split_encoder(W, b_enc, b_dec, 3)
+    assert hi.dtype == lo.dtype == lo2.dtype == torch.bfloat16 and hi.shape == W.shape
+    assert hi.stride() == (1, W.shape[0])  # feature-major: the kernel's tile reads along d
+    total = hi.double() + lo.double() + lo2.double()
+    assert torch.equal(total, W.double())  # three bf16 parts hold a float32 exactly
+    two = em.split_encoder(W, b_enc, b_dec, 2)
+    err2 = ((two[0].double() + two[1].double()) - W.double()).abs() / W.double().abs()
+    assert 0 < float(err2.max()) <= 2.0**-16
+    exact = b_enc.double() - b_dec.double() @ W.double()
+    assert torch.equal(bias, exact.float())  # one rounding, of the float64 value
+    assert em.split_encoder(W, b_enc, b_dec, 3)[0] is hi  # cached per SAE
+
+
+def test_precision_resolution():
+    bf, f32 = torch.bfloat16, torch.float32
+    assert em.resolve_precision("auto", bf, bf) == em.AUTO_BF16
+    assert em.resolve_precision("auto", bf, f32) == "tf32x3"
+    assert em.resolve_precision("tf32", bf, bf) == "tf32"
+    with pytest.raises(ValueError, match="needs bfloat16 read-outs"):
+        encode_moments_triton(**_bad(precision="bf16split3"))
+
+
+def test_autotuners_pinned_to_one_config_per_path():
+    """tests/conftest.py pins the autotuners: one config left after the encode kernel's per-path pruning."""
+    tuner = em._encode_moments_tuned
+    for split in (0, 2, 3):
+        kept = em._prune_configs(tuner.configs, {}, SPLIT=split)
+        allowed = [(c.kwargs, c.num_warps, c.num_stages) for c in em.configs_for(split)]
+        assert len(kept) == 1 and (kept[0].kwargs, kept[0].num_warps, kept[0].num_stages) in allowed
+    # the unpinned lists: the per-path config sets the compile report checks
+    assert len(em.configs_for(0)) >= 2 and len(em.configs_for(3)) >= 2
+
+
+def test_split_cache_follows_the_tensors_not_their_addresses():
+    """A new SAE in a freed SAE's memory, or an SAE edited in place, gets a fresh split."""
+    _, _, W, b_enc, b_dec = _random_bf16_case(seed=105)
+    first = em.split_encoder(W, b_enc, b_dec, 3)
+    with torch.no_grad():
+        W.mul_(2)  # in place: same object, new version
+    again = em.split_encoder(W, b_enc, b_dec, 3)
+    assert again is not first and torch.equal(again[0].double() + again[1].double() + again[2].double(), W.double())
+    other = W.clone()  # equal values, another tensor: its own entry
+    assert em.split_encoder(other, b_enc, b_dec, 3) is not again
