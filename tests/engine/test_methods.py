@@ -478,3 +478,22 @@ def test_match_any_sparsity_method(tiny_llama, tiny_sae, text_file):
     assert cond["target"] == "int5" and len(cond["bisection"]) == 6
     best = min(cond["bisection"], key=lambda t: abs(t["ppl"] - cond["target_ppl"]))
     assert cond["sparsity"] == best["sparsity"]
+
+
+def test_scope_all_also_quantizes_embeddings_and_head(tiny_llama):
+    """--scope all: the tensor-wise methods also change the input embedding (and an untied head)."""
+    from qdm_engine.audit import _conditions
+
+    model, _, _ = load_model(str(tiny_llama))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (cond,) = _conditions(None, (), False, methods=["gguf:type=Q8_0"], scope="all")
+    assert cond.name == "gguf-q8_0-all" and cond.scope == "all"
+    saved = ModelState(model)
+    cond.check(model)
+    cond.apply(model)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    every = {t.name for t in find_targets(model, "all")}
+    assert "model.embed_tokens.weight" in changed and changed == every | (
+        {"lm_head.weight"} if model.get_output_embeddings().weight is model.get_input_embeddings().weight else set())
+    saved.restore()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
