@@ -15,6 +15,9 @@ from qdm_engine import __version__
 from qdm_engine.errors import QdmError
 
 
+DEFAULT_BITS = "8..4"  # sweep's RTN widths when no --bits, --method, --match or --compressed is given
+
+
 class _Help(argparse.HelpFormatter):
     """Shows a flag's default only when it has a real one (not None, False or an empty list).
 
@@ -151,7 +154,7 @@ def _run_sweep(args) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731  (what is audited is part of the output)
     bits = args.bits
     if bits is None:
-        bits = None if (args.method or args.match or args.compressed) else "8..4"
+        bits = None if (args.method or args.match or args.compressed) else DEFAULT_BITS
     result = sweep(
         model=args.model, sae=args.sae, bits=bits, prune=args.prune, prune_matched=args.prune_matched,
         methods=args.method, scope=args.scope, match=args.match, compressed=args.compressed,

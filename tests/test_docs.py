@@ -80,7 +80,9 @@ def test_readme_examples_run_on_the_default_run_folder():
     """The commands on RUN_DIR name only conditions that the default sweep (`sweep` with no flags) writes."""
     from qdm_engine.engine.compression import parse_bits
 
-    default_bits = build_parser().parse_args(["sweep"]).bits
+    from qdm_engine.cli import DEFAULT_BITS
+
+    default_bits = build_parser().parse_args(["sweep"]).bits or DEFAULT_BITS  # None: resolved in _run_sweep
     conditions = {f"int{b}" for b in parse_bits(default_bits)}
     on_run = [args for args in readme_commands() if "RUN_DIR" in args]
     assert {args[0] for args in on_run} >= {"report", "predict", "overlap", "thresholds", "ppl"}

@@ -125,6 +125,7 @@ def test_mismatches_exit_2_naming_both_sides(tiny_llama, tiny_sae, text_file, tm
     cases = [(wrong_tok, "its tokenizer does not match the base model's"),
              (narrow, "has width 16, the base model 32"),
              (tmp_path / "missing", "does not exist")]
+    capsys.readouterr()  # what building the folders printed
     for path, message in cases:
         out = tmp_path / f"run-{path.name}"
         assert _sweep(tiny_llama, tiny_sae, text_file, out, "--compressed", str(path)) == 2

@@ -3,6 +3,7 @@ the FP model restored bit for bit after every method, calibration, and the CLI e
 
 import dataclasses
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -328,7 +329,7 @@ def _llmc_reference(model_dir, recipe, calib, tmp_path):
     oneshot(model=m, recipe=recipe, **kw)
     out = tmp_path / "compressed"
     m.save_pretrained(out, save_compressed=True)
-    quantized = getattr(m.config, "quantization_config", None) is not None
+    quantized = "quantization_config" in json.loads((out / "config.json").read_text())  # as written to disk
     kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if quantized else {}
     return AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, **kw)
 
