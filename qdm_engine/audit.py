@@ -46,6 +46,7 @@ class SweepResult:
     config: dict = field(default_factory=dict)
     out: Path | None = None
     runs: list = field(default_factory=list)  # the raw ConditionRuns, kept when sweep(keep_batches=True)
+    topk: pd.DataFrame | None = None  # per feature its top-k FP positions and every condition's activation there
 
 
 def feature_table(m: FeatureMoments, th: Thresholds) -> pd.DataFrame:
@@ -230,6 +231,7 @@ def sweep(
 
     runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches)
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
+    extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, log)
     config = {
         "qdm_engine_version": __version__,
         "started": started,
@@ -264,8 +266,28 @@ def sweep(
         "processes": shard.world,
         "dtype": model_id["dtype"],
     }
-    written = write_run(out, config, summary, features) if out is not None and shard.is_main else None
-    return SweepResult(summary, features, config, written, runs if keep_batches else [])
+    written = write_run(out, config, summary, features, extra) if out is not None and shard.is_main else None
+    return SweepResult(summary, features, config, written, runs if keep_batches else [], extra.get("topk"))
+
+
+def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, log) -> dict[str, pd.DataFrame]:
+    """Bootstrap intervals into the tables (in place, with a warning for features firing too rarely), and
+    the run folder's topk and tokens tables (none under several processes)."""
+    from qdm_engine.analysis.uncertainty import add_intervals, few_fires_warning
+    from qdm_engine.engine.topk import token_table, topk_table
+
+    multi = len(tags) > 1
+    units = {(f"{t}/{r.name}" if multi else r.name): r.unit_moments[i].numpy()
+             for r in runs[1:] if r.unit_moments for i, t in enumerate(tags)}
+    add_intervals(summary, features, units, th)
+    if features:
+        first = next(iter(features.values()))
+        warning = few_fires_warning(first, blocks.scored_positions, blocks.n_blocks * blocks.block_len)
+        if warning:
+            log(f"note: {warning}")
+    if not runs[0].topk:
+        return {}
+    return {"topk": topk_table(runs, tags), "tokens": token_table(blocks, tok)}
 
 
 def _bits_of(name: str) -> int:

@@ -15,6 +15,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,6 +25,7 @@ from qdm_engine.engine.models import StopForward, read_out, stop_after
 from qdm_engine.engine.perplexity import nll_sum_tensor
 from qdm_engine.engine.sae import SAEWeights
 from qdm_engine.engine.tokens import TokenBlocks
+from qdm_engine.engine.topk import DEFAULT_K, Gather, TopK, positions
 from qdm_engine.kernels.encode_moments import encode_moments
 from qdm_engine.kernels.moments import FeatureMoments
 
@@ -37,6 +39,11 @@ class ConditionRun:
     seconds: float
     moments: list[FeatureMoments] = field(default_factory=list)  # one per SAE; empty for the FP reference
     batch_moments: list[list[FeatureMoments]] = field(default_factory=list)  # per SAE, per batch (keep_batches)
+    # per SAE: packed moments [U, 9, F] (float64, host) of the bootstrap units (runs of consecutive blocks)
+    unit_moments: list[torch.Tensor] = field(default_factory=list)
+    # FP run: per SAE, its top-k entries (feature, rank, block, pos, fp_act); a condition: per SAE, its
+    # activations [k, F] (float32, host) at those entries' positions (slot [rank, feature])
+    topk: list = field(default_factory=list)
 
 
 def auto_batch_size(model: torch.nn.Module, block_len: int, device: str, free_bytes: int | None = None) -> int:
@@ -80,6 +87,24 @@ class _Batch:
     def scored_index(self) -> torch.Tensor:
         index = self.mask.flatten().nonzero().squeeze(1)
         return index.pin_memory() if self.pin else index
+
+
+def _unit_cuts(score_mask: torch.Tensor, batch_size: int, units: int) -> list[list[tuple[int, int, int]]]:
+    """Per batch, the (row_lo, row_hi, unit) of each bootstrap unit: runs of about n_blocks / `units`
+    consecutive blocks (never across a batch), as scored-row ranges of the batch's read-outs."""
+    per_block = score_mask.cpu().numpy().sum(1)
+    n_blocks = len(per_block)
+    size = max(1, min(batch_size, -(-n_blocks // max(1, units))))
+    cuts, unit = [], 0
+    for lo in range(0, n_blocks, batch_size):
+        ends = np.cumsum(per_block[lo:lo + batch_size])
+        starts = np.concatenate([[0], ends[:-1]])
+        b_cuts = []
+        for j in range(0, len(ends), size):
+            b_cuts.append((int(starts[j]), int(ends[min(j + size, len(ends)) - 1]), unit))
+            unit += 1
+        cuts.append(b_cuts)
+    return cuts
 
 
 def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard, pin: bool) -> list[_Batch]:
@@ -135,6 +160,8 @@ def run_conditions(
     shard: Shard = Shard(),
     keep_batches: bool = False,
     overlap: bool = True,
+    topk: int = DEFAULT_K,
+    units: int = 64,
 ) -> list[ConditionRun]:
     """Run FP then every condition over the same blocks; one ConditionRun per row, FP first.
 
@@ -144,12 +171,22 @@ def run_conditions(
     `overlap` (CUDA only) encodes each batch on a second stream while the next forward runs; the
     results are the same either way. Within a condition nothing is read back to the host (NLL sums and
     moments stay on the device until its end), so the host keeps the GPU's queue full.
+    The FP pass also keeps each feature's `topk` largest activations (0: off) and every condition its
+    activations at those positions; each condition's moments are kept per run of about n_blocks / `units`
+    consecutive blocks, for the block bootstrap (analysis.uncertainty). Both only in one process.
     """
     if keep_batches and shard.world > 1:
         raise ValueError("keep_batches needs a single process")
     sites = sorted(set(hooks))
     on_cuda = str(device).startswith("cuda")
     batches = _batches(blocks, batch_size, shard, pin=on_cuda)
+    mask = blocks.score_mask[shard.rank::shard.world]
+    cuts = _unit_cuts(mask, batch_size, units)
+    n_units = cuts[-1][-1][2] + 1
+    batch_rows = [b_cuts[-1][1] for b_cuts in cuts]
+    row0 = np.cumsum([0] + batch_rows).tolist()
+    single = shard.world == 1
+    trackers = [TopK(s.d_sae, topk, device) for s in saes] if topk and single else []
     bar = tqdm(total=len(batches) * (1 + len(conditions)), unit="batch", dynamic_ncols=True,
                disable=not (progress and shard.is_main))
 
@@ -215,34 +252,51 @@ def run_conditions(
             stack.enter_context(stop_after(model, sites))
         bar.set_description("fp")
         t0, nll, n = time.perf_counter(), no_nll.clone(), 0
-        for batch in batches:
+        for b, batch in enumerate(batches):
             xs, b_nll, b_n = forward(batch)
             cache.append({h: to_cache(x) for h, x in xs.items()})
+            for tracker, sae, hook in zip(trackers, saes, hooks):
+                tracker.update_from(sae, xs[hook], row0[b])
             nll, n = nll + b_nll, n + b_n
             bar.update()
         nll, n = shard.sum(float(nll), n)
-        runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0))
+        entries, gathers = [], []
+        if trackers:
+            block_of, pos_of = positions(mask)
+            for tracker, sae in zip(trackers, saes):
+                e = tracker.entries()
+                gathers.append(Gather(e, batch_rows, sae, topk, pin=on_cuda))
+                e.insert(2, "block", block_of[e["row"].to_numpy()])
+                e.insert(3, "pos", pos_of[e["row"].to_numpy()])
+                entries.append(e.drop(columns="row"))
+        runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0, topk=entries))
 
         saved = FPWeights(model) if any(not isinstance(c, FP) for c in conditions) else None
         for cond in conditions:
             bar.set_description(cond.name)
             t0, nll, n = time.perf_counter(), no_nll.clone(), 0
             with side.enter():
-                accs = [FeatureMoments.zeros(s.d_sae, device=device) for s in saes]
+                packed = [torch.zeros(n_units, 9, s.d_sae, dtype=torch.float64, device=device) for s in saes]
+                at_topk = [g.start(device) for g in gathers]
             kept: list[list[FeatureMoments]] = [[] for _ in saes]
             cond.apply(model)
             try:
-                for batch, cached in zip(batches, cache):
+                for b, (batch, cached) in enumerate(zip(batches, cache)):
                     xs, b_nll, b_n = forward(batch)
                     with side.enter(*xs.values()):
                         fp_xs = {h: from_cache(x) for h, x in cached.items()}
                         for i, (sae, hook) in enumerate(zip(saes, hooks)):
                             prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
-                            m = encode_moments(prep(fp_xs[hook]), prep(xs[hook]), sae.W_enc, sae.b_enc,
-                                               sae.b_dec, sae.threshold, sae.k)
-                            accs[i] = accs[i].merge(m)
+                            fx, cx = prep(fp_xs[hook]), prep(xs[hook])
+                            for lo, hi, unit in cuts[b]:
+                                m = encode_moments(fx[lo:hi], cx[lo:hi], sae.W_enc, sae.b_enc,
+                                                   sae.b_dec, sae.threshold, sae.k)
+                                packed[i][unit].copy_(m.pack())
                             if keep_batches:
-                                kept[i].append(m.to("cpu"))
+                                first, last = cuts[b][0][2], cuts[b][-1][2]
+                                kept[i].append(FeatureMoments.combine(packed[i][first:last + 1]).to("cpu"))
+                            if gathers:
+                                gathers[i].add(at_topk[i], xs[hook], b)
                     nll, n = nll + b_nll, n + b_n
                     bar.update()
             finally:
@@ -250,7 +304,9 @@ def run_conditions(
                 if saved is not None:  # queued on the default stream after this condition's forwards
                     saved.restore()
             nll, n = shard.sum(float(nll), n)
-            runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0,
-                                     [shard.merge(a) for a in accs], kept if keep_batches else []))
+            accs = [shard.merge(FeatureMoments.combine(p)) for p in packed]
+            runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0, accs,
+                                     kept if keep_batches else [], [p.cpu() for p in packed] if single else [],
+                                     [a.cpu().numpy().reshape(topk, -1) for a in at_topk]))
     bar.close()
     return runs
