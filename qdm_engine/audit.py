@@ -156,6 +156,8 @@ def sweep(
     progress: bool = True,
     trust_remote_code: bool = False,
     keep_batches: bool = False,
+    topk: int = 16,
+    boot_units: int = 64,
     log=print,
 ) -> SweepResult:
     """Audit FP vs each condition (RTN `bits`, pruning `prune`) on identical tokens through frozen SAEs.
@@ -165,6 +167,8 @@ def sweep(
     sparsity whose held-out perplexity matches RTN INT6 (bisection, METHOD.md section 3). `ppl=False`
     stops each forward at the deepest read-out (features only). Under torchrun the blocks are sharded
     over ranks. Returns the summary and per-feature tables; with `out`, rank 0 also writes the run folder.
+    `topk` (0: off) FP positions per feature are kept with every condition's activations there, and r gets
+    block-bootstrap intervals over about `boot_units` runs of blocks (0: off).
     """
     from qdm_engine.engine.distributed import init_from_env
     from qdm_engine.engine.matched import match_pruning
@@ -229,9 +233,10 @@ def sweep(
                  else _held_out_blocks(tok, text_str, block_len, calib_budget, bos, blocks.n_blocks))
         conditions.append(match_pruning(lm, RTN(_bits_of(prune_matched)), calib, batch_size, device, log=log))
 
-    runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches)
+    runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches,
+                          topk=topk, units=boot_units)
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
-    extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, log)
+    extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, log, boot_units > 0)
     config = {
         "qdm_engine_version": __version__,
         "started": started,
@@ -270,7 +275,7 @@ def sweep(
     return SweepResult(summary, features, config, written, runs if keep_batches else [], extra.get("topk"))
 
 
-def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, log) -> dict[str, pd.DataFrame]:
+def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, log, boot=True) -> dict[str, pd.DataFrame]:
     """Bootstrap intervals into the tables (in place, with a warning for features firing too rarely), and
     the run folder's topk and tokens tables (none under several processes)."""
     from qdm_engine.analysis.uncertainty import add_intervals, few_fires_warning
@@ -279,7 +284,7 @@ def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, log) -
     multi = len(tags) > 1
     units = {(f"{t}/{r.name}" if multi else r.name): r.unit_moments[i].numpy()
              for r in runs[1:] if r.unit_moments for i, t in enumerate(tags)}
-    add_intervals(summary, features, units, th)
+    add_intervals(summary, features, {k: v for k, v in units.items() if boot}, th)
     if features:
         first = next(iter(features.values()))
         warning = few_fires_warning(first, blocks.scored_positions, blocks.n_blocks * blocks.block_len)

@@ -94,7 +94,7 @@ def _unit_cuts(score_mask: torch.Tensor, batch_size: int, units: int) -> list[li
     consecutive blocks (never across a batch), as scored-row ranges of the batch's read-outs."""
     per_block = score_mask.cpu().numpy().sum(1)
     n_blocks = len(per_block)
-    size = max(1, min(batch_size, -(-n_blocks // max(1, units))))
+    size = max(1, min(batch_size, -(-n_blocks // units))) if units > 0 else batch_size  # 0: one per batch
     cuts, unit = [], 0
     for lo in range(0, n_blocks, batch_size):
         ends = np.cumsum(per_block[lo:lo + batch_size])
