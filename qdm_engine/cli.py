@@ -280,7 +280,8 @@ def _add_report(sub) -> None:
                                    "predictor, into PNG files and a self-contained report.html (figures "
                                    "embedded, no network needed) under RUN_DIR/report/.")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
-    p.add_argument("--condition", help="condition of the survival-predictor figures (default: int6)")
+    p.add_argument("--condition", help="condition of the feature-level figures and the most damaged features "
+                   "(default: the most compressed condition whose outcomes are still mixed)")
     p.add_argument("--out", help="folder for the figures and report.html (default: RUN_DIR/report)")
     p.set_defaults(func=_run_report)
 
