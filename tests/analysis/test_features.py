@@ -128,3 +128,37 @@ def test_features_command_rejects_bad_input(run_dir, capsys):
 def test_context_line_marks_the_firing_token():
     ctx = {"tokens": [{"text": "a", "fires": False}, {"text": " b\n", "fires": True}, {"text": "c", "fires": False}]}
     assert context_line(ctx) == "a[[ b\u21b5]]c"
+
+
+def test_sweep_writes_topk_tokens_and_a_report_with_contexts(tiny_llama, tiny_sae, text_file, tmp_path, capsys):
+    """End to end on a tiny model: the run folder's topk/tokens tables, the null condition reproducing the
+    FP activations, the features command and the report section reading them."""
+    out = tmp_path / "run"
+    assert main(["sweep", "--model", str(tiny_llama), "--sae", str(tiny_sae), "--text", str(text_file),
+                 "--tokens", "512", "--block-len", "32", "--batch-size", "4", "--quiet", "--out", str(out),
+                 "--bits", "4", "--null", "--report"]) == 0
+    printed = capsys.readouterr().out
+    assert "95% intervals (block bootstrap over 16 runs of blocks)" in printed
+    topk = pd.read_parquet(out / "topk.parquet")
+    assert list(topk.columns) == ["sae", "feature", "rank", "block", "pos", "fp_act", "fp-null", "int4"]
+    assert (topk["pos"] >= 1).all() and topk["pos"].max() < 32 and topk["block"].max() < 16
+    assert topk.groupby("feature")["rank"].max().max() == 15  # k = 16 by default
+    np.testing.assert_allclose(topk["fp-null"], topk["fp_act"], rtol=1e-5, atol=1e-7)
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert len(tokens) == 16 * 32 and (tokens.loc[tokens["pos"] == 0, "token"] == 1).all()  # BOS at position 0
+    table = load_features_table(out, "int4")
+    assert {"r_lo", "r_hi"} <= set(table.columns)
+    act = table[table["active"]]
+    assert ((act["r_lo"] <= act["r"] + 1e-9) | act["r"].isna()).all()
+
+    assert main(["features", str(out), "--condition", "int4", "--worst", "2", "--contexts", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("\nfeature ") == 2 and text.count("[[") == 2
+    page = (out / "report" / "report.html").read_text(encoding="utf-8")
+    assert "Most damaged features" in page and "<mark>" in page and "Failure types per condition" in page
+
+
+def load_features_table(run, cond):
+    from qdm_engine.analysis.results import load_features
+
+    return load_features(run, cond)
