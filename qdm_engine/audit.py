@@ -236,7 +236,7 @@ def sweep(
     runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches,
                           topk=topk, units=boot_units)
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
-    extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, log, boot_units > 0)
+    extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, boot_units > 0)
     config = {
         "qdm_engine_version": __version__,
         "started": started,
@@ -270,12 +270,13 @@ def sweep(
         "device": device,
         "processes": shard.world,
         "dtype": model_id["dtype"],
+        "notes": [summary.attrs["note"]] if summary.attrs.get("note") else [],
     }
     written = write_run(out, config, summary, features, extra) if out is not None and shard.is_main else None
     return SweepResult(summary, features, config, written, runs if keep_batches else [], extra.get("topk"))
 
 
-def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, log, boot=True) -> dict[str, pd.DataFrame]:
+def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, boot=True) -> dict[str, pd.DataFrame]:
     """Bootstrap intervals into the tables (in place, with a warning for features firing too rarely), and
     the run folder's topk and tokens tables (none under several processes)."""
     from qdm_engine.analysis.uncertainty import add_intervals, few_fires_warning
@@ -289,7 +290,7 @@ def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, log, b
         first = next(iter(features.values()))
         warning = few_fires_warning(first, blocks.scored_positions, blocks.n_blocks * blocks.block_len)
         if warning:
-            log(f"note: {warning}")
+            summary.attrs["note"] = warning  # printed under the table by the CLI, kept in config.json
     if not runs[0].topk:
         return {}
     return {"topk": topk_table(runs, tags), "tokens": token_table(blocks, tok)}

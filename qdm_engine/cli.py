@@ -125,6 +125,8 @@ def _run_sweep(args) -> int:
 
     if format_intervals(result.summary):
         print("\n" + format_intervals(result.summary))
+    for note in result.config.get("notes", []):
+        print(f"note: {note}")
     print(f"\nresults: {result.out}  ({result.config['wall_seconds']:.1f} s)")
     if args.report:  # the run folder is complete: a failed report must not cost the audit
         from qdm_engine.report import make_report
