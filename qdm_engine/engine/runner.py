@@ -7,6 +7,11 @@ and streams (FP, compressed) read-out pairs through the fused encode + moments o
 restored afterwards. Nothing of size tokens x features is ever held beyond one batch. Several SAEs
 (at one or several sites) share the same forward passes. Under torch.distributed each rank runs every
 N-th block and the moments are merged across ranks at the end of each condition.
+
+For the feature-level analyses (one process only): the FP pass also keeps each feature's top-k FP
+activations and their positions (engine.topk), and each condition its activations at those positions; the
+moments of a condition are reduced per bootstrap unit (a run of consecutive blocks inside a batch) into a
+[units, 9, features] device buffer and pooled at the end, so analysis.uncertainty can resample units.
 """
 
 from __future__ import annotations
