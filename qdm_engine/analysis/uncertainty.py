@@ -12,9 +12,17 @@ so a replicate costs a few [B, U] x [U, F] products, never a model pass. Resampl
 correlation between neighbouring tokens inside a unit, which a per-token bootstrap would ignore and so
 understate the spread. The 95% interval is the 2.5th..97.5th percentile of the replicates' r (replicates
 where r is undefined, a side constant over the drawn units, are left out; r_lo and r_hi are NaN when more
-than half are). The taxonomy percentages get the same treatment: each replicate classifies the features
-that are active in the full sample (the audited set stays fixed) and the interval is taken over the
-replicates' percentages.
+than half are).
+
+The taxonomy percentages need more care: a share of features above a threshold is not a smooth statistic.
+Every replicate's r carries sampling noise on top of the sample's own, so features near a threshold
+cross it more often in replicates than their r does, and the replicates' shares sit to one side of the
+sample's (at int6 on the default run, 8k tokens: survived 99.31% in the sample, 98.16..99.01% in the
+replicates). That shift is the bootstrap's estimate of the share's own bias at this budget (the sample
+share is lower than the share at unlimited tokens), so the percentages get the basic bootstrap interval
+[2 p - q97.5, 2 p - q2.5] (clipped to 0..100): an interval for the share at unlimited tokens, which can lie
+beside the sample's share when the budget is small. Each replicate classifies the features that are
+active in the full sample (the audited set stays fixed).
 """
 
 from __future__ import annotations
@@ -73,6 +81,13 @@ def _percentiles(reps: np.ndarray, q=(2.5, 97.5)) -> tuple[np.ndarray, np.ndarra
     return lo, hi
 
 
+def _shares(r: np.ndarray, th: Thresholds) -> dict[str, np.ndarray]:
+    """Per row of r [B, active features]: the survived / degraded / damaged percentages (NaN r: none)."""
+    return {"survived": 100.0 * (r > th.survived).mean(1),
+            "degraded": 100.0 * ((r >= th.damaged) & (r <= th.survived)).mean(1),
+            "damaged": 100.0 * (r < th.damaged).mean(1)}
+
+
 def intervals(packed: np.ndarray, active: np.ndarray, th: Thresholds = Thresholds(),
               replicates: int = DEFAULT_REPLICATES, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Per-feature r_lo, r_hi and the summary intervals of one condition from its unit moments.
@@ -86,15 +101,12 @@ def intervals(packed: np.ndarray, active: np.ndarray, th: Thresholds = Threshold
     r_lo, r_hi = _percentiles(reps)
     table = pd.DataFrame({"feature": np.arange(packed.shape[2], dtype=np.int64), "r_lo": r_lo, "r_hi": r_hi})
     stats = {"boot_units": n_units, "boot_replicates": replicates}
-    ra = reps[:, active]
-    if ra.shape[1]:
-        pct = {
-            "survived": 100.0 * (ra > th.survived).mean(1),
-            "damaged": 100.0 * (ra < th.damaged).mean(1),
-            "degraded": 100.0 * ((ra >= th.damaged) & (ra <= th.survived)).mean(1),
-        }
-        for name, v in pct.items():
-            stats[f"{name}_lo"], stats[f"{name}_hi"] = (float(x) for x in np.percentile(v, (2.5, 97.5)))
+    if active.any():
+        sample = replicate_r(packed, np.ones((1, n_units)))[0]  # the full sample's r (every unit once)
+        for name, p in _shares(sample[None, active], th).items():
+            q_lo, q_hi = np.percentile(_shares(reps[:, active], th)[name], (2.5, 97.5))
+            stats[f"{name}_lo"] = float(np.clip(2 * p[0] - q_hi, 0.0, 100.0))
+            stats[f"{name}_hi"] = float(np.clip(2 * p[0] - q_lo, 0.0, 100.0))
     return table, stats
 
 
