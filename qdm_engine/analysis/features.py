@@ -208,8 +208,9 @@ def format_features(payload: dict) -> str:
              f"compressed, magnitude = compressed / FP activation at the top FP positions)"]
     for row in payload["features"]:
         lines.append("")
-        lines.append(f"feature {row['feature']}  {row['type'] or 'inactive'}  r {f(row['r'], '.3f')} "
-                     f"[{f(row['r_lo'], '.3f')}, {f(row['r_hi'], '.3f')}]  firing {100 * (row['fp_rate'] or 0):.2f}% -> "
+        r = "r undefined" if row["r"] is None else \
+            f"r {f(row['r'], '.3f')} [{f(row['r_lo'], '.3f')}, {f(row['r_hi'], '.3f')}]"
+        lines.append(f"feature {row['feature']}  {row['type'] or 'inactive'}  {r}  firing {100 * (row['fp_rate'] or 0):.2f}% -> "
                      f"{100 * (row['c_rate'] or 0):.2f}% (x{f(row['rate_ratio'], '.2f')})  magnitude x{f(row['mag_ratio'], '.2f')}")
         if row["neuronpedia"]:
             lines.append(f"  {row['neuronpedia']}")
