@@ -125,7 +125,7 @@ def damaged_section(run_dir: Path, group, cond) -> str:
         ctx = "<br>".join(f'<span class="act">{c["fp_act"]:.2f} &rarr; {c["c_act"]:.2f}</span> {_context_html(c)}'
                           for c in r["contexts"])
         out.append(f"<tr><td>{name}</td><td class=\"l\">{html.escape(str(r['type']))}</td>"
-                   f"<td>{_num(r['r'], '.3f')} [{_num(r['r_lo'], '.2f')}, {_num(r['r_hi'], '.2f')}]</td>"
+                   f"<td class=\"nw\">{_num(r['r'], '.3f')} [{_num(r['r_lo'], '.2f')}, {_num(r['r_hi'], '.2f')}]</td>"
                    f"<td>{100 * (r['fp_rate'] or 0):.2f}% &rarr; {100 * (r['c_rate'] or 0):.2f}%</td>"
                    f"<td>&times;{_num(r['mag_ratio'], '.2f')}</td><td class=\"l ctx\">{ctx}</td></tr>")
     out.append("</table></div>")
@@ -135,5 +135,5 @@ def damaged_section(run_dir: Path, group, cond) -> str:
 CSS = """
 table.feats td { vertical-align: top; } td.ctx { font-family: "DejaVu Sans Mono", Menlo, monospace;
   font-size: 0.92em; white-space: pre-wrap; max-width: 600px; } td.ctx mark { background: #ffd54a; }
-span.act { color: #555; font-variant-numeric: tabular-nums; }
+span.act { color: #555; font-variant-numeric: tabular-nums; } td.nw { white-space: nowrap; }
 """
