@@ -245,6 +245,9 @@ def fig_taxonomy(group: Group, th: dict) -> Figure:
         s = np.array(parts["survived"], dtype=float)
         ax.errorbar(s, y, xerr=[np.clip(s - lo, 0, None), np.clip(hi - s, 0, None)], fmt="none", ecolor="black",
                     elinewidth=1.0, capsize=3, label="95% interval")
+        f.caption = ("Whiskers: 95% block-bootstrap interval of the survived share, corrected for the bias a "
+                     "small token budget gives it, so it can sit beside the bar's end (see the summary's "
+                     "<code>survived_lo</code>, <code>survived_hi</code>).")
     ax.set_yticks(y, names)
     ax.invert_yaxis()  # first condition on top, as in the summary table
     ax.set_xlim(0, 100)
