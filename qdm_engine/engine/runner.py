@@ -31,7 +31,8 @@ from qdm_engine.engine.perplexity import nll_sum_tensor
 from qdm_engine.engine.sae import SAEWeights
 from qdm_engine.engine.tokens import TokenBlocks
 from qdm_engine.engine.topk import DEFAULT_K, Gather, TopK, positions
-from qdm_engine.kernels.encode_moments import encode_moments
+from qdm_engine.kernels.backend import use_triton
+from qdm_engine.kernels.encode_moments import encode_moments, sae_encode_reference
 from qdm_engine.kernels.moments import FeatureMoments
 
 
@@ -110,6 +111,48 @@ def _unit_cuts(score_mask: torch.Tensor, batch_size: int, units: int) -> list[li
             unit += 1
         cuts.append(b_cuts)
     return cuts
+
+
+def reduce_units(fx: torch.Tensor, cx: torch.Tensor, sae: SAEWeights, cuts, packed: torch.Tensor) -> None:
+    """Moments of each unit (row_lo, row_hi, slot) of one batch's prepared read-outs into packed[slot].
+
+    The fused kernel runs once per unit; the torch reference encodes the batch once and reduces each unit's
+    rows (a GEMM per 127-row unit costs about twice the batch's on a CPU), the same values either way."""
+    args = (sae.W_enc, sae.b_enc, sae.b_dec, sae.threshold, sae.k)
+    if len(cuts) == 1 or use_triton(fx, cx, sae.W_enc, sae.b_enc, sae.b_dec, sae.threshold):
+        for lo, hi, unit in cuts:
+            packed[unit].copy_(encode_moments(fx[lo:hi], cx[lo:hi], *args).pack())
+        return
+    ax, ay = sae_encode_reference(fx, *args), sae_encode_reference(cx, *args)
+    rows = cuts[0][1] - cuts[0][0]
+    even = [c for c in cuts if c[1] - c[0] == rows and c[0] % rows == 0]
+    if len(even) > 1:  # units of one size (the usual case): reduced together, one op per statistic
+        lo, hi = even[0][0], even[-1][1]
+        slots = torch.tensor([c[2] for c in even], device=packed.device)
+        packed.index_copy_(0, slots, _unit_stats(ax[lo:hi].unflatten(0, (-1, rows)),
+                                                 ay[lo:hi].unflatten(0, (-1, rows))))
+    for lo, hi, unit in (c for c in cuts if len(even) <= 1 or c not in even):
+        packed[unit].copy_(FeatureMoments.from_activations(ax[lo:hi], ay[lo:hi]).pack())
+
+
+def _unit_stats(x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Packed moments [U, 9, F] of U equal-sized units x, y [U, R, F] (FeatureMoments.from_activations on
+    each unit, computed for all units at once; float64)."""
+    u, r, f = x.shape
+    out = torch.empty(u, 9, f, dtype=torch.float64, device=x.device)
+    out[:, 0] = r
+    for lo in range(0, f, chunk):
+        xs, ys = x[..., lo:lo + chunk].to(torch.float64), y[..., lo:lo + chunk].to(torch.float64)
+        mx, my = xs.mean(1), ys.mean(1)
+        dx, dy = xs - mx.unsqueeze(1), ys - my.unsqueeze(1)
+        out[:, 1, lo:lo + chunk], out[:, 2, lo:lo + chunk] = mx, my
+        out[:, 3, lo:lo + chunk] = (dx * dx).sum(1)
+        out[:, 4, lo:lo + chunk] = (dy * dy).sum(1)
+        out[:, 5, lo:lo + chunk] = (dx * dy).sum(1)
+        out[:, 6, lo:lo + chunk] = (xs > 0).sum(1)
+        out[:, 7, lo:lo + chunk] = (ys > 0).sum(1)
+        out[:, 8, lo:lo + chunk] = xs.amax(1)
+    return out
 
 
 def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard, pin: bool) -> list[_Batch]:
@@ -293,10 +336,7 @@ def run_conditions(
                         for i, (sae, hook) in enumerate(zip(saes, hooks)):
                             prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
                             fx, cx = prep(fp_xs[hook]), prep(xs[hook])
-                            for lo, hi, unit in cuts[b]:
-                                m = encode_moments(fx[lo:hi], cx[lo:hi], sae.W_enc, sae.b_enc,
-                                                   sae.b_dec, sae.threshold, sae.k)
-                                packed[i][unit].copy_(m.pack())
+                            reduce_units(fx, cx, sae, cuts[b], packed[i])
                             if keep_batches:
                                 first, last = cuts[b][0][2], cuts[b][-1][2]
                                 kept[i].append(FeatureMoments.combine(packed[i][first:last + 1]).to("cpu"))
