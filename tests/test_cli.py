@@ -108,7 +108,7 @@ ERROR_CASES = {
     "empty text": (lambda i: dict(text=i["empty"]), "is empty"),
     "missing text": (lambda i: dict(text=i["empty"].parent / "missing.txt"), "does not exist"),
     "budget": (lambda i: dict(extra=["--tokens", "16", "--block-len", "32"]), "--tokens 16 is smaller than one block"),
-    "family": (lambda i: dict(model=i["opt"]), "model family 'opt' is not supported for compression; supported: gemma2, gpt2, gpt_neox, llama, mistral, qwen2"),
+    "group": (lambda i: dict(extra=["--method", "rtn:bits=4,group=48"]), "rtn group size 48 does not divide the width 32"),
     "model path": (lambda i: dict(model=i["empty"].parent / "no-model"), "model path .* does not exist"),
     "sae path": (lambda i: dict(sae=i["empty"].parent / "no-sae"), "SAE .* does not exist"),
     "prune": (lambda i: dict(extra=["--prune", "1.5"]), "sparsity must be in \\[0, 1\\)"),
@@ -186,3 +186,13 @@ def test_sweep_report_flag_writes_the_report(run):
     _, out = run
     html = (out / "report" / "report.html").read_text()
     assert "<img" in html and "int4" in html
+
+
+def test_a_family_without_a_hand_written_map_is_compressed(odd_inputs, tiny_sae, text_file, tmp_path):
+    """OPT keeps its layers under model.decoder.layers: the targets come from the model itself."""
+    import pandas as pd
+
+    out = tmp_path / "run"
+    assert run_main(sweep_args(odd_inputs["opt"], tiny_sae, text_file, out, "--bits", "4")) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["condition"].tolist() == ["fp", "int4"] and summary["mean_r"].iloc[1] < 1.0

@@ -73,3 +73,36 @@ def test_ppl_command_adds_columns_to_a_run(tiny_llama, tiny_sae, text_file, tmp_
     assert fp == null and after.loc[0, "dppl_sliding_pct"] == 0.0
     assert main(["ppl", str(out), "--window", "16", "--stride", "16"]) == 2
     assert "0 < --stride < --window" in capsys.readouterr().err
+
+
+def test_ppl_rebuilds_every_method_from_its_recorded_spec(tiny_llama, tiny_sae, text_file, tmp_path, capsys):
+    """A group-wise RTN and an NF4 condition are rescored as themselves (not as per-row RTN, not as FP);
+    a calibrated method is left empty and named, never given the FP perplexity."""
+    from qdm_engine.engine.compress import parse_method
+    from qdm_engine.engine.perplexity import perplexity
+
+    out = tmp_path / "run"
+    methods = ["rtn:bits=3,group=16", "magnitude:pattern=2:4"]
+    if parse_method.__module__ and __import__("importlib").util.find_spec("llmcompressor") is not None:
+        methods.append("wanda:sparsity=0.3")
+    argv = ["sweep", "--model", str(tiny_llama), "--sae", str(tiny_sae), "--text", str(text_file), "--tokens", "256",
+            "--block-len", "32", "--calib-tokens", "64", "--bits", "3", "--quiet", "--out", str(out)]
+    for m in methods:
+        argv += ["--method", m]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["ppl", str(out), "--window", "64", "--stride", "32", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    got = pd.read_csv(out / "summary.csv").set_index("condition")["ppl_sliding"]
+    model, tok = load_model(str(tiny_llama), progress=False)[:2]
+    from qdm_engine.engine.tokens import read_text
+
+    text = read_text(str(text_file))
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])[: 8 * 31]
+    with torch.inference_mode():
+        parse_method("rtn:bits=3,group=16").apply(model)
+        want = perplexity(*sliding_window_nll(model, ids, 64, 32, tok.bos_token_id))
+    assert got["int3-g16"] == pytest.approx(want, rel=1e-9)
+    assert got["int3-g16"] != got["int3"] and got["magnitude-2of4"] != got["fp"]
+    if "wanda:sparsity=0.3" in methods:
+        assert math.isnan(got["wanda-30"]) and "wanda-30" in err

@@ -45,6 +45,7 @@ class ConditionRun:
     seconds: float
     moments: list[FeatureMoments] = field(default_factory=list)  # one per SAE; empty for the FP reference
     batch_moments: list[list[FeatureMoments]] = field(default_factory=list)  # per SAE, per batch (keep_batches)
+    compress_seconds: float = 0.0  # of `seconds`, the time `apply` took (the method's own quantizer)
     # per SAE: packed moments [U, 9, F] (float64, host) of the bootstrap units (runs of consecutive blocks)
     unit_moments: list[torch.Tensor] = field(default_factory=list)
     # FP run: per SAE, its top-k entries (feature, rank, block, pos, fp_act); a condition: per SAE, its
@@ -327,7 +328,11 @@ def run_conditions(
                 packed = [torch.zeros(n_units, 9, s.d_sae, dtype=torch.float64, device=device) for s in saes]
                 at_topk = [g.start(device) for g in gathers]
             kept: list[list[FeatureMoments]] = [[] for _ in saes]
+            t_apply = time.perf_counter()
             cond.apply(model)
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            t_apply = time.perf_counter() - t_apply
             try:
                 for b, (batch, cached) in enumerate(zip(batches, cache)):
                     xs, b_nll, b_n = forward(batch)
@@ -351,7 +356,8 @@ def run_conditions(
             nll, n = shard.sum(float(nll), n)
             accs = [shard.merge(FeatureMoments.combine(p)) for p in packed]
             runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0, accs,
-                                     kept if keep_batches else [], [p.cpu() for p in packed] if single else [],
-                                     [a.cpu().numpy().reshape(topk, -1) for a in at_topk]))
+                                     kept if keep_batches else [], t_apply,
+                                     unit_moments=[p.cpu() for p in packed] if single else [],
+                                     topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk]))
     bar.close()
     return runs

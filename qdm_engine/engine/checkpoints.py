@@ -1,0 +1,210 @@
+"""A downloaded compressed (or fine-tuned) checkpoint as a condition: `--compressed [NAME=]PATH`.
+
+The checkpoint is loaded to dense weights on the host, checked against the audited base model (same
+tokenizer, same depth and width, every parameter name and shape), and its weights are copied into the
+base model in place, so it runs on identical tokens through the same SAE like any other condition; the
+base comes back bit for bit afterwards (`ModelState`). Formats:
+
+- a GGUF file (`model.gguf`, or a folder with one `.gguf` file): dequantized by transformers' GGUF loader;
+- a compressed-tensors folder (llm-compressor's output: W4A16, W8A8, FP8, NVFP4, 2:4 ...): loaded with
+  `CompressedTensorsConfig(dequantize=True)`, which gives the weights its kernels compute with;
+- a plain transformers folder or hub id (a fine-tuned or distilled variant).
+GPTQ / AWQ folders need gptqmodel and bitsandbytes loads need bitsandbytes (with dense weights read
+before the first forward): not wired yet, and refused with a message rather than loaded wrongly.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qdm_engine.errors import QdmError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def parse_compressed(spec: str) -> tuple[str, str]:
+    """'NAME=PATH' or 'PATH' -> (name, path); the name defaults to the folder or file name."""
+    spec = str(spec).strip()
+    name, eq, path = spec.partition("=")
+    if not eq or "/" in name or not name:
+        name, path = "", spec
+    if not path:
+        raise QdmError(f"--compressed '{spec}': expected PATH or NAME=PATH")
+    if not name:
+        p = Path(path.rstrip("/"))
+        name = p.stem if p.suffix == ".gguf" else p.name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "checkpoint"
+    return name, path
+
+
+def detect_format(path: str) -> tuple[str, str | None, dict | None]:
+    """(format, gguf file name or None, quantization_config or None) of a checkpoint path."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise QdmError(f"--compressed {path}: a file must be a .gguf checkpoint; pass a model folder otherwise")
+        return "gguf", p.name, None
+    if not p.is_dir():
+        raise QdmError(f"--compressed {path} does not exist; pass a checkpoint folder or a .gguf file")
+    ggufs = sorted(p.glob("*.gguf"))
+    if not (p / "config.json").is_file():
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0].name, None
+        raise QdmError(f"--compressed {path}: no config.json" + (f" and {len(ggufs)} .gguf files; pass one file"
+                                                                if ggufs else "; not a transformers checkpoint"))
+    cfg = json.loads((p / "config.json").read_text())
+    q = cfg.get("quantization_config")
+    if q is None:
+        return "hf", None, None
+    method = str(q.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        return "compressed-tensors", None, q
+    hints = {"gptq": "pip install gptqmodel (GPTQ folders are not wired into qdm-engine yet)",
+             "awq": "pip install gptqmodel (AWQ folders are not wired into qdm-engine yet)",
+             "bitsandbytes": "bitsandbytes loads are not wired yet; audit the base with --method nf4 instead",
+             "torchao": "torchao checkpoints are not wired yet"}
+    raise QdmError(f"--compressed {path}: quantization format '{method}' cannot be loaded here; "
+                   + hints.get(method, "supported: GGUF files, compressed-tensors folders, plain transformers folders"))
+
+
+def weight_hashes(path: str, gguf_file: str | None) -> dict[str, str]:
+    """sha256 of each weight file of the checkpoint (its identity in config.json)."""
+    p = Path(path).expanduser()
+    files = [p] if p.is_file() else ([p / gguf_file] if gguf_file else
+                                     sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES))
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool = False):
+    """(model, tokenizer) of a checkpoint, dense weights on the host."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser()
+    src = str(p.parent if p.is_file() else p)
+    kw: dict = {"trust_remote_code": trust_remote_code}
+    if fmt == "gguf":
+        kw["gguf_file"] = gguf_file
+    mkw = dict(kw)
+    if fmt == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        mkw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    from qdm_engine.engine.models import hf_progress_bars
+
+    try:
+        with hf_progress_bars(False):
+            tok = AutoTokenizer.from_pretrained(src, **kw)
+            lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **mkw)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QdmError(f"could not load --compressed {path} ({fmt}): {first}") from None
+    return lm.eval().requires_grad_(False), tok
+
+
+def same_tokenizer(a, b) -> str | None:
+    """None when two tokenizers map text to the same ids (vocabulary, merges, special tokens), else why not."""
+    if a.get_vocab() != b.get_vocab():
+        return f"vocabularies differ ({len(a.get_vocab())} vs {len(b.get_vocab())} entries)"
+    for attr in ("bos_token_id", "eos_token_id", "unk_token_id"):
+        if getattr(a, attr, None) != getattr(b, attr, None):
+            return f"{attr} differs ({getattr(a, attr, None)} vs {getattr(b, attr, None)})"
+    probe = "The quick brown fox, 1234 tokens; naïve café\nnew line  two spaces"
+    if a(probe, add_special_tokens=False)["input_ids"] != b(probe, add_special_tokens=False)["input_ids"]:
+        return "the same text tokenizes differently (merges or normalisation differ)"
+    return None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A downloaded checkpoint audited against the base model: its dense weights copied into the base."""
+
+    label: str
+    path: str
+    format: str
+    gguf_file: str | None = None
+    quantization_config: dict | None = field(default=None, compare=False)
+    sha256: dict = field(default_factory=dict, compare=False)
+    trust_remote_code: bool = False
+    method = "checkpoint"
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def check(self, model: torch.nn.Module, tokenizer=None) -> None:
+        """Tokenizer, depth, width and every parameter's shape against the base, before any forward."""
+        ck, tok = load_dense(self.path, self.format, self.gguf_file, torch.float32, self.trust_remote_code)
+        try:
+            if tokenizer is not None:
+                why = same_tokenizer(tokenizer, tok)
+                if why:
+                    raise QdmError(f"--compressed {self.path}: its tokenizer does not match the base model's: {why}")
+            _compatible(model, ck, self.path)
+        finally:
+            del ck
+            gc.collect()
+
+    def apply(self, model: torch.nn.Module) -> None:
+        dtype = next(model.parameters()).dtype
+        ck, _ = load_dense(self.path, self.format, self.gguf_file, dtype, self.trust_remote_code)
+        src = dict(ck.named_parameters(remove_duplicate=False)) | dict(ck.named_buffers())
+        with torch.no_grad():
+            for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+                v = src.get(name)
+                if v is not None and v.shape == t.shape:
+                    t.copy_(v.detach().to(t.device, t.dtype))
+        del ck, src
+        gc.collect()
+
+    def describe(self) -> dict:
+        return {"method": self.method, "path": self.path, "format": self.format, "gguf_file": self.gguf_file,
+                "quantization_config": self.quantization_config, "sha256": self.sha256,
+                "bits": _bits_of(self.quantization_config)}
+
+
+def _bits_of(q: dict | None):
+    try:
+        groups = (q or {}).get("config_groups") or {}
+        return int(next(iter(groups.values()))["weights"]["num_bits"])
+    except (StopIteration, KeyError, TypeError, ValueError):
+        return None
+
+
+def _compatible(base: torch.nn.Module, ck: torch.nn.Module, path: str) -> None:
+    from qdm_engine.engine.models import decoder_layers, model_family
+
+    nb, nc = len(decoder_layers(base)), len(decoder_layers(ck))
+    if nb != nc:
+        raise QdmError(f"--compressed {path} has {nc} layers, the base model {nb}; pass a checkpoint of the base")
+    db = base.get_input_embeddings().weight.shape[1]
+    dc = ck.get_input_embeddings().weight.shape[1]
+    if db != dc:
+        raise QdmError(f"--compressed {path} has width {dc}, the base model {db} (the SAE reads width {db})")
+    theirs = {n: tuple(p.shape) for n, p in ck.named_parameters(remove_duplicate=False)}
+    for n, p in base.named_parameters(remove_duplicate=False):
+        if n not in theirs:
+            raise QdmError(f"--compressed {path} ({model_family(ck)}) has no parameter {n} of the base "
+                           f"({model_family(base)}); pass a checkpoint of the same architecture")
+        if theirs[n] != tuple(p.shape):
+            raise QdmError(f"--compressed {path}: {n} is {theirs[n]} there and {tuple(p.shape)} in the base")
+
+
+def make_checkpoint(spec: str, trust_remote_code: bool = False) -> Checkpoint:
+    """A Checkpoint condition from a `--compressed` spec (format detected, weight files hashed)."""
+    label, path = parse_compressed(spec)
+    fmt, gguf_file, q = detect_format(path)
+    return Checkpoint(label, path, fmt, gguf_file, q, weight_hashes(path, gguf_file), trust_remote_code)
