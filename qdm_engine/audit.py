@@ -358,8 +358,9 @@ def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, boot=T
              for r in runs[1:] if r.unit_moments for i, t in enumerate(tags)}
     add_intervals(summary, features, {k: v for k, v in units.items() if boot}, th)
     if features:
-        first = next(iter(features.values()))
-        warning = few_fires_warning(first, blocks.scored_positions, blocks.n_blocks * blocks.block_len)
+        name, table = max(features.items(), key=lambda kv: np.nan_to_num(  # the widest intervals
+            (kv[1]["r_hi"] - kv[1]["r_lo"])[kv[1]["active"]].median(), nan=-1.0))
+        warning = few_fires_warning(table, blocks.scored_positions, blocks.n_blocks * blocks.block_len, where=name)
         if warning:
             summary.attrs["note"] = warning  # printed under the table by the CLI, kept in config.json
     if not runs[0].topk:

@@ -112,7 +112,8 @@ def intervals(packed: np.ndarray, active: np.ndarray, th: Thresholds = Threshold
     return table, stats
 
 
-def few_fires_warning(features: pd.DataFrame, scored: int, positions: int, min_fires: int = MIN_FIRES) -> str | None:
+def few_fires_warning(features: pd.DataFrame, scored: int, positions: int, min_fires: int = MIN_FIRES,
+                      where: str | None = None) -> str | None:
     """A warning line when active features fire on fewer than `min_fires` FP positions, or None.
 
     Says how many, their median interval width against the rest, and the token budget at which each of
@@ -128,7 +129,8 @@ def few_fires_warning(features: pd.DataFrame, scored: int, positions: int, min_f
            f"on few points")
     if width is not None and width.notna().any():
         w_few, w_rest = width[few.index].median(), width.drop(few.index).median()
-        msg += f" (median 95% interval width of r {w_few:.3f}, against {w_rest:.3f} for the rest)"
+        at = f" at {where}" if where else ""
+        msg += f" (median 95% interval width of r{at} {w_few:.3f}, against {w_rest:.3f} for the rest)"
     return msg + f"; --tokens {budget} would give each of them about {min_fires} firings"
 
 
