@@ -934,7 +934,8 @@ def _thresholds(config: dict) -> dict:
 def make_report(run_dir: str | Path, out: str | Path | None = None, *, condition: str | None = None) -> Path:
     """Write the figures and `report.html` of a run folder into `out` (default RUN_DIR/report); returns the page.
 
-X. Raises QdmError for a folder that is
+    `condition` picks the condition of the feature-level figures and of the most damaged features (default:
+    the most compressed condition whose outcomes are still mixed). Raises QdmError for a folder that is
     not a run, or a condition the run does not have.
     """
     try:
