@@ -4,8 +4,8 @@ Layout: `config.json` (every setting, versions, model/SAE/token identity), `summ
 `summary.json` (one row per condition), `features/<condition>.parquet` (one row per SAE feature:
 feature, r, r_lo, r_hi, fp_rate, fp_mean, fp_peak, c_rate, active, cls), `topk.parquet` (per feature its
 top-k FP positions and each condition's activation there) and `tokens.parquet` (the audit blocks' tokens).
-A folder is written under a temporary name and renamed into place only when complete, so an interrupted or failed run never leaves a folder
-that looks finished, and an existing folder is never overwritten.
+A folder is written under a temporary name and renamed into place only when complete, so an interrupted
+or failed run never leaves a folder that looks finished, and an existing folder is never overwritten.
 """
 
 from __future__ import annotations
