@@ -52,6 +52,7 @@ class SweepResult:
     config: dict = field(default_factory=dict)
     out: Path | None = None
     runs: list = field(default_factory=list)  # the raw ConditionRuns, kept when sweep(keep_batches=True)
+    topk: pd.DataFrame | None = None  # per feature its top-k FP positions and every condition's activation there
 
 
 def feature_table(m: FeatureMoments, th: Thresholds) -> pd.DataFrame:
@@ -198,6 +199,8 @@ def sweep(
     progress: bool = True,
     trust_remote_code: bool = False,
     keep_batches: bool = False,
+    topk: int = 16,
+    boot_units: int = 64,
     log=print,
 ) -> SweepResult:
     """Audit FP vs each condition (RTN `bits`, pruning `prune`) on identical tokens through frozen SAEs.
@@ -207,6 +210,8 @@ def sweep(
     sparsity whose held-out perplexity matches RTN INT6 (bisection, docs/METHOD.md section 3). `ppl=False`
     stops each forward at the deepest read-out (features only). Under torchrun the blocks are sharded
     over ranks. Returns the summary and per-feature tables; with `out`, rank 0 also writes the run folder.
+    `topk` (0: off) FP positions per feature are kept with every condition's activations there, and r gets
+    block-bootstrap intervals over about `boot_units` runs of blocks (0: off).
     """
     from qdm_engine.engine.distributed import init_from_env
     from qdm_engine.engine.matched import match_method, match_pruning
@@ -299,8 +304,10 @@ def sweep(
         target = next((c for c in conditions if c.name == target.name), target)  # calibrated when it needs it
         conditions.append(match_method(lm, spec, target, calib, calib_ids, batch_size, device, log=log))
 
-    runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches)
+    runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches,
+                          topk=topk, units=boot_units)
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
+    extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, boot_units > 0)
     config = {
         "qdm_engine_version": __version__,
         "started": started,
@@ -335,9 +342,31 @@ def sweep(
         "device": device,
         "processes": shard.world,
         "dtype": model_id["dtype"],
+        "notes": [summary.attrs["note"]] if summary.attrs.get("note") else [],
     }
-    written = write_run(out, config, summary, features) if out is not None and shard.is_main else None
-    return SweepResult(summary, features, config, written, runs if keep_batches else [])
+    written = write_run(out, config, summary, features, extra) if out is not None and shard.is_main else None
+    return SweepResult(summary, features, config, written, runs if keep_batches else [], extra.get("topk"))
+
+
+def _uncertainty_and_topk(runs, tags, summary, features, th, blocks, tok, boot=True) -> dict[str, pd.DataFrame]:
+    """Bootstrap intervals into the tables (in place, with a warning for features firing too rarely), and
+    the run folder's topk and tokens tables (none under several processes)."""
+    from qdm_engine.analysis.uncertainty import add_intervals, few_fires_warning
+    from qdm_engine.engine.topk import token_table, topk_table
+
+    multi = len(tags) > 1
+    units = {(f"{t}/{r.name}" if multi else r.name): r.unit_moments[i].numpy()
+             for r in runs[1:] if r.unit_moments for i, t in enumerate(tags)}
+    add_intervals(summary, features, {k: v for k, v in units.items() if boot}, th)
+    if features:
+        name, table = max(features.items(), key=lambda kv: np.nan_to_num(  # the widest intervals
+            (kv[1]["r_hi"] - kv[1]["r_lo"])[kv[1]["active"]].median(), nan=-1.0))
+        warning = few_fires_warning(table, blocks.scored_positions, blocks.n_blocks * blocks.block_len, where=name)
+        if warning:
+            summary.attrs["note"] = warning  # printed under the table by the CLI, kept in config.json
+    if not runs[0].topk:
+        return {}
+    return {"topk": topk_table(runs, tags), "tokens": token_table(blocks, tok)}
 
 
 def _match_target(name: str, conditions: list):

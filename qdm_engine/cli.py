@@ -167,6 +167,12 @@ def _run_sweep(args) -> int:
     if result.out is None:  # a non-zero rank under torchrun: rank 0 prints and writes
         return 0
     print(format_summary(result.summary))
+    from qdm_engine.analysis.uncertainty import format_intervals
+
+    if format_intervals(result.summary):
+        print("\n" + format_intervals(result.summary))
+    for note in result.config.get("notes", []):
+        print(f"note: {note}")
     print(f"\nresults: {result.out}  ({result.config['wall_seconds']:.1f} s)")
     if args.report:  # the run folder is complete: a failed report must not cost the audit
         from qdm_engine.report import make_report
@@ -324,7 +330,8 @@ def _add_report(sub) -> None:
                                    "predictor, into PNG files and a self-contained report.html (figures "
                                    "embedded, no network needed) under RUN_DIR/report/.")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
-    p.add_argument("--condition", help="condition of the survival-predictor figures (default: int6)")
+    p.add_argument("--condition", help="condition of the feature-level figures and the most damaged features "
+                   "(default: the most compressed condition whose outcomes are still mixed)")
     p.add_argument("--out", help="folder for the figures and report.html (default: RUN_DIR/report)")
     p.set_defaults(func=_run_report)
 
@@ -387,6 +394,42 @@ def _run_train_sae(args) -> int:
     return 0
 
 
+def _add_features(sub) -> None:
+    p = sub.add_parser("features", formatter_class=_Help,
+                       help="which features a condition damaged, how, and where they fire (contexts)",
+                       description="Per feature of one condition, from the run folder alone: r with its 95% "
+                                   "block-bootstrap interval, FP and compressed firing rates, the magnitude ratio "
+                                   "(compressed over FP activation at the feature's top FP positions), a failure "
+                                   "type, and its top FP contexts from the audit text with the FP and compressed "
+                                   "activation side by side, the firing token in [[ ]]. Failure types, in order: "
+                                   "dies (firing-rate ratio below --dies-below), new firing (above --new-above), "
+                                   "rescaled (r above the run's survival threshold but magnitude outside "
+                                   "[1/--rescale, --rescale]), survived (r above it), misfires (the rest).")
+    p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
+    p.add_argument("--condition", required=True, help="condition to inspect, e.g. int4")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--worst", type=_positive_int, default=20, help="the N active features of lowest r")
+    pick.add_argument("--feature", type=int, nargs="+", metavar="ID", help="these features instead")
+    p.add_argument("--contexts", type=int, default=5, help="top FP contexts shown per feature (0: none)")
+    p.add_argument("--dies-below", type=float, default=0.2, help="firing-rate ratio below which a feature dies")
+    p.add_argument("--new-above", type=float, default=2.0, help="firing-rate ratio above which it is new firing")
+    p.add_argument("--rescale", type=float, default=1.3, help="magnitude ratio bound of rescaled (and 1/bound)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=_run_features)
+
+
+def _run_features(args) -> int:
+    from qdm_engine.analysis.features import FailureThresholds, features_payload, format_features, to_json
+
+    if args.contexts < 0:
+        raise QdmError(f"--contexts must be 0 or more, got {args.contexts}")
+    ft = FailureThresholds(dies_below=args.dies_below, new_above=args.new_above, rescale=args.rescale)
+    payload = features_payload(args.run, args.condition, worst=args.worst, features=args.feature,
+                               n_contexts=args.contexts, ft=ft)
+    print(to_json(payload) if args.json else format_features(payload))
+    return 0
+
+
 def _add_methods(sub) -> None:
     p = sub.add_parser("methods", formatter_class=_Help,
                        help="list the compression methods that --method can name, with their keys and defaults",
@@ -443,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ppl(sub)
     _add_stability(sub)
     _add_train_sae(sub)
+    _add_features(sub)
     return parser
 
 

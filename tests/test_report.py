@@ -99,6 +99,15 @@ def synthetic_run(out: Path, conditions: dict, *, seed: int = 0, n: int = 700, n
     return write_run(out, config, summary, features)
 
 
+def focus_of(run: Path) -> str:
+    """The condition the report's feature-level figures show by default."""
+    from qdm_engine.analysis.results import load_config, load_summary
+    from qdm_engine.report import _groups, pick_focus
+
+    group = _groups(run, load_config(run), load_summary(run))[0]
+    return pick_focus(group, None)[0].short
+
+
 def pngs_in(html_text: str) -> list[bytes]:
     return [base64.b64decode(m) for m in IMG_RE.findall(html_text)]
 
@@ -163,7 +172,9 @@ def test_predictor_roc_uses_fit_predictors_folds(full_report):
     from sklearn.metrics import roc_auc_score
 
     run, _, text = full_report
-    features = load_features(run, "int6")
+    focus = focus_of(run)
+    assert focus == "int4"  # the most compressed condition whose survival is still mixed
+    features = load_features(run, focus)
     res = fit_predictor(features, recipe="ours")
     y, proba, folds = _oof_roc(features, 0.9)
     assert y.sum() == res.n_survived and not np.isnan(proba).any()
@@ -177,7 +188,7 @@ def test_one_condition_run_notes_the_missing_figures(tmp_path):
     (tmp_path / "run" / "report").mkdir()
     (tmp_path / "run" / "report" / "rtn_vs_prune.png").write_bytes(b"stale")  # from an earlier report
     text = make_report(run).read_text(encoding="utf-8")
-    drawn = {"taxonomy", "dissociation", "deciles", "predictor_roc", "predictor_quartiles"}
+    drawn = {"taxonomy", "dissociation", "deciles", "predictor_roc", "predictor_quartiles", "failure_types"}
     assert {p.stem for p in (run / "report").glob("*.png")} == drawn
     assert len(pngs_in(text)) == len(drawn)
     assert notes(text) == [
@@ -195,7 +206,7 @@ def test_run_without_rtn_or_mixed_outcomes(tmp_path):
         "Needs at least two RTN bit widths with active features; this run has 0 (none).",
         "Needs one RTN and one pruning condition; this run has 0 RTN and 2 pruning condition(s).",
     ]
-    assert "This run has no int6; prune-0.3 is shown because its survival" in text
+    assert "prune-0.3 is shown" in text and focus_of(run) == "prune-0.3"
 
     text = make_report(run, condition="prune-0.1").read_text(encoding="utf-8")  # every feature survives
     assert notes(text)[2:] == [

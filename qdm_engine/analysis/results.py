@@ -2,9 +2,10 @@
 
 Layout: `config.json` (every setting, versions, model/SAE/token identity), `summary.csv` and
 `summary.json` (one row per condition), `features/<condition>.parquet` (one row per SAE feature:
-feature, r, fp_rate, fp_mean, fp_peak, c_rate, active, cls). A folder is written under a temporary
-name and renamed into place only when complete, so an interrupted or failed run never leaves a folder
-that looks finished, and an existing folder is never overwritten.
+feature, r, r_lo, r_hi, fp_rate, fp_mean, fp_peak, c_rate, active, cls), `topk.parquet` (per feature its
+top-k FP positions and each condition's activation there) and `tokens.parquet` (the audit blocks' tokens).
+A folder is written under a temporary name and renamed into place only when complete, so an interrupted
+or failed run never leaves a folder that looks finished, and an existing folder is never overwritten.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 from qdm_engine.atomic import temp_dir_beside
 from qdm_engine.errors import QdmError
 
-FEATURE_COLUMNS = ("feature", "r", "fp_rate", "fp_mean", "fp_peak", "c_rate", "active", "cls")
+FEATURE_COLUMNS = ("feature", "r", "r_lo", "r_hi", "fp_rate", "fp_mean", "fp_peak", "c_rate", "active", "cls")
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -44,8 +45,11 @@ def _json_safe(obj):
     return obj
 
 
-def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: dict[str, pd.DataFrame]) -> Path:
-    """Write a complete run folder atomically (temp folder beside it, then rename)."""
+def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: dict[str, pd.DataFrame],
+              extra: dict[str, pd.DataFrame] | None = None) -> Path:
+    """Write a complete run folder atomically (temp folder beside it, then rename).
+
+    `extra` tables land beside the summary as `<name>.parquet` (topk, tokens)."""
     out = check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)  # mode from the umask, as any folder the user makes
@@ -59,6 +63,8 @@ def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: di
             path = tmp / "features" / f"{name}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             df.to_parquet(path, index=False)
+        for name, df in (extra or {}).items():
+            df.to_parquet(tmp / f"{name}.parquet", index=False)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

@@ -7,6 +7,11 @@ and streams (FP, compressed) read-out pairs through the fused encode + moments o
 restored afterwards. Nothing of size tokens x features is ever held beyond one batch. Several SAEs
 (at one or several sites) share the same forward passes. Under torch.distributed each rank runs every
 N-th block and the moments are merged across ranks at the end of each condition.
+
+For the feature-level analyses (one process only): the FP pass also keeps each feature's top-k FP
+activations and their positions (engine.topk), and each condition its activations at those positions; the
+moments of a condition are reduced per bootstrap unit (a run of consecutive blocks inside a batch) into a
+[units, 9, features] device buffer and pooled at the end, so analysis.uncertainty can resample units.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,7 +30,9 @@ from qdm_engine.engine.models import StopForward, read_out, stop_after
 from qdm_engine.engine.perplexity import nll_sum_tensor
 from qdm_engine.engine.sae import SAEWeights
 from qdm_engine.engine.tokens import TokenBlocks
-from qdm_engine.kernels.encode_moments import encode_moments
+from qdm_engine.engine.topk import DEFAULT_K, Gather, TopK, positions
+from qdm_engine.kernels.backend import use_triton
+from qdm_engine.kernels.encode_moments import encode_moments, sae_encode_reference
 from qdm_engine.kernels.moments import FeatureMoments
 
 
@@ -38,6 +46,11 @@ class ConditionRun:
     moments: list[FeatureMoments] = field(default_factory=list)  # one per SAE; empty for the FP reference
     batch_moments: list[list[FeatureMoments]] = field(default_factory=list)  # per SAE, per batch (keep_batches)
     compress_seconds: float = 0.0  # of `seconds`, the time `apply` took (the method's own quantizer)
+    # per SAE: packed moments [U, 9, F] (float64, host) of the bootstrap units (runs of consecutive blocks)
+    unit_moments: list[torch.Tensor] = field(default_factory=list)
+    # FP run: per SAE, its top-k entries (feature, rank, block, pos, fp_act); a condition: per SAE, its
+    # activations [k, F] (float32, host) at those entries' positions (slot [rank, feature])
+    topk: list = field(default_factory=list)
 
 
 def auto_batch_size(model: torch.nn.Module, block_len: int, device: str, free_bytes: int | None = None) -> int:
@@ -81,6 +94,66 @@ class _Batch:
     def scored_index(self) -> torch.Tensor:
         index = self.mask.flatten().nonzero().squeeze(1)
         return index.pin_memory() if self.pin else index
+
+
+def _unit_cuts(score_mask: torch.Tensor, batch_size: int, units: int) -> list[list[tuple[int, int, int]]]:
+    """Per batch, the (row_lo, row_hi, unit) of each bootstrap unit: runs of about n_blocks / `units`
+    consecutive blocks (never across a batch), as scored-row ranges of the batch's read-outs."""
+    per_block = score_mask.cpu().numpy().sum(1)
+    n_blocks = len(per_block)
+    size = max(1, min(batch_size, -(-n_blocks // units))) if units > 0 else batch_size  # 0: one per batch
+    cuts, unit = [], 0
+    for lo in range(0, n_blocks, batch_size):
+        ends = np.cumsum(per_block[lo:lo + batch_size])
+        starts = np.concatenate([[0], ends[:-1]])
+        b_cuts = []
+        for j in range(0, len(ends), size):
+            b_cuts.append((int(starts[j]), int(ends[min(j + size, len(ends)) - 1]), unit))
+            unit += 1
+        cuts.append(b_cuts)
+    return cuts
+
+
+def reduce_units(fx: torch.Tensor, cx: torch.Tensor, sae: SAEWeights, cuts, packed: torch.Tensor) -> None:
+    """Moments of each unit (row_lo, row_hi, slot) of one batch's prepared read-outs into packed[slot].
+
+    The fused kernel runs once per unit; the torch reference encodes the batch once and reduces each unit's
+    rows (a GEMM per 127-row unit costs about twice the batch's on a CPU), the same values either way."""
+    args = (sae.W_enc, sae.b_enc, sae.b_dec, sae.threshold, sae.k)
+    if len(cuts) == 1 or use_triton(fx, cx, sae.W_enc, sae.b_enc, sae.b_dec, sae.threshold):
+        for lo, hi, unit in cuts:
+            packed[unit].copy_(encode_moments(fx[lo:hi], cx[lo:hi], *args).pack())
+        return
+    ax, ay = sae_encode_reference(fx, *args), sae_encode_reference(cx, *args)
+    rows = cuts[0][1] - cuts[0][0]
+    even = [c for c in cuts if c[1] - c[0] == rows and c[0] % rows == 0]
+    if len(even) > 1:  # units of one size (the usual case): reduced together, one op per statistic
+        lo, hi = even[0][0], even[-1][1]
+        slots = torch.tensor([c[2] for c in even], device=packed.device)
+        packed.index_copy_(0, slots, _unit_stats(ax[lo:hi].unflatten(0, (-1, rows)),
+                                                 ay[lo:hi].unflatten(0, (-1, rows))))
+    for lo, hi, unit in (c for c in cuts if len(even) <= 1 or c not in even):
+        packed[unit].copy_(FeatureMoments.from_activations(ax[lo:hi], ay[lo:hi]).pack())
+
+
+def _unit_stats(x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Packed moments [U, 9, F] of U equal-sized units x, y [U, R, F] (FeatureMoments.from_activations on
+    each unit, computed for all units at once; float64)."""
+    u, r, f = x.shape
+    out = torch.empty(u, 9, f, dtype=torch.float64, device=x.device)
+    out[:, 0] = r
+    for lo in range(0, f, chunk):
+        xs, ys = x[..., lo:lo + chunk].to(torch.float64), y[..., lo:lo + chunk].to(torch.float64)
+        mx, my = xs.mean(1), ys.mean(1)
+        dx, dy = xs - mx.unsqueeze(1), ys - my.unsqueeze(1)
+        out[:, 1, lo:lo + chunk], out[:, 2, lo:lo + chunk] = mx, my
+        out[:, 3, lo:lo + chunk] = (dx * dx).sum(1)
+        out[:, 4, lo:lo + chunk] = (dy * dy).sum(1)
+        out[:, 5, lo:lo + chunk] = (dx * dy).sum(1)
+        out[:, 6, lo:lo + chunk] = (xs > 0).sum(1)
+        out[:, 7, lo:lo + chunk] = (ys > 0).sum(1)
+        out[:, 8, lo:lo + chunk] = xs.amax(1)
+    return out
 
 
 def _batches(blocks: TokenBlocks, batch_size: int, shard: Shard, pin: bool) -> list[_Batch]:
@@ -136,6 +209,8 @@ def run_conditions(
     shard: Shard = Shard(),
     keep_batches: bool = False,
     overlap: bool = True,
+    topk: int = DEFAULT_K,
+    units: int = 64,
 ) -> list[ConditionRun]:
     """Run FP then every condition over the same blocks; one ConditionRun per row, FP first.
 
@@ -145,12 +220,22 @@ def run_conditions(
     `overlap` (CUDA only) encodes each batch on a second stream while the next forward runs; the
     results are the same either way. Within a condition nothing is read back to the host (NLL sums and
     moments stay on the device until its end), so the host keeps the GPU's queue full.
+    The FP pass also keeps each feature's `topk` largest activations (0: off) and every condition its
+    activations at those positions; each condition's moments are kept per run of about n_blocks / `units`
+    consecutive blocks, for the block bootstrap (analysis.uncertainty). Both only in one process.
     """
     if keep_batches and shard.world > 1:
         raise ValueError("keep_batches needs a single process")
     sites = sorted(set(hooks))
     on_cuda = str(device).startswith("cuda")
     batches = _batches(blocks, batch_size, shard, pin=on_cuda)
+    mask = blocks.score_mask[shard.rank::shard.world]
+    cuts = _unit_cuts(mask, batch_size, units)
+    n_units = cuts[-1][-1][2] + 1
+    batch_rows = [b_cuts[-1][1] for b_cuts in cuts]
+    row0 = np.cumsum([0] + batch_rows).tolist()
+    single = shard.world == 1
+    trackers = [TopK(s.d_sae, topk, device) for s in saes] if topk and single else []
     bar = tqdm(total=len(batches) * (1 + len(conditions)), unit="batch", dynamic_ncols=True,
                disable=not (progress and shard.is_main))
 
@@ -222,20 +307,32 @@ def run_conditions(
             stack.enter_context(stop_after(model, sites))
         bar.set_description("fp")
         t0, nll, n = time.perf_counter(), no_nll.clone(), 0
-        for batch in batches:
+        for b, batch in enumerate(batches):
             xs, b_nll, b_n = forward(batch)
             cache.append({h: to_cache(x) for h, x in xs.items()})
+            for tracker, sae, hook in zip(trackers, saes, hooks):
+                tracker.update_from(sae, xs[hook], row0[b])
             nll, n = nll + b_nll, n + b_n
             bar.update()
         nll, n = shard.sum(float(nll), n)
-        runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0))
+        entries, gathers = [], []
+        if trackers:
+            block_of, pos_of = positions(mask)
+            for tracker, sae in zip(trackers, saes):
+                e = tracker.entries()
+                gathers.append(Gather(e, batch_rows, sae, topk, pin=on_cuda))
+                e.insert(2, "block", block_of[e["row"].to_numpy()])
+                e.insert(3, "pos", pos_of[e["row"].to_numpy()])
+                entries.append(e.drop(columns="row"))
+        runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0, topk=entries))
 
         saved = FPWeights(model) if any(not isinstance(c, FP) for c in conditions) else None
         for cond in conditions:
             bar.set_description(cond.name)
             t0, nll, n = time.perf_counter(), no_nll.clone(), 0
             with side.enter():
-                accs = [FeatureMoments.zeros(s.d_sae, device=device) for s in saes]
+                packed = [torch.zeros(n_units, 9, s.d_sae, dtype=torch.float64, device=device) for s in saes]
+                at_topk = [g.start(device) for g in gathers]
             kept: list[list[FeatureMoments]] = [[] for _ in saes]
             t_apply = time.perf_counter()
             cond.apply(model)
@@ -243,17 +340,19 @@ def run_conditions(
                 torch.cuda.synchronize(device)
             t_apply = time.perf_counter() - t_apply
             try:
-                for batch, cached in zip(batches, cache):
+                for b, (batch, cached) in enumerate(zip(batches, cache)):
                     xs, b_nll, b_n = forward(batch)
                     with side.enter(*xs.values()):
                         fp_xs = {h: from_cache(x) for h, x in cached.items()}
                         for i, (sae, hook) in enumerate(zip(saes, hooks)):
                             prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
-                            m = encode_moments(prep(fp_xs[hook]), prep(xs[hook]), sae.W_enc, sae.b_enc,
-                                               sae.b_dec, sae.threshold, sae.k)
-                            accs[i] = accs[i].merge(m)
+                            fx, cx = prep(fp_xs[hook]), prep(xs[hook])
+                            reduce_units(fx, cx, sae, cuts[b], packed[i])
                             if keep_batches:
-                                kept[i].append(m.to("cpu"))
+                                first, last = cuts[b][0][2], cuts[b][-1][2]
+                                kept[i].append(FeatureMoments.combine(packed[i][first:last + 1]).to("cpu"))
+                            if gathers:
+                                gathers[i].add(at_topk[i], xs[hook], b)
                     nll, n = nll + b_nll, n + b_n
                     bar.update()
             finally:
@@ -261,7 +360,10 @@ def run_conditions(
                 if saved is not None:  # queued on the default stream after this condition's forwards
                     saved.restore()
             nll, n = shard.sum(float(nll), n)
-            runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0,
-                                     [shard.merge(a) for a in accs], kept if keep_batches else [], t_apply))
+            accs = [shard.merge(FeatureMoments.combine(p)) for p in packed]
+            runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0, accs,
+                                     kept if keep_batches else [], t_apply,
+                                     unit_moments=[p.cpu() for p in packed] if single else [],
+                                     topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk]))
     bar.close()
     return runs
