@@ -347,41 +347,38 @@ def _preset_weights(name: str):
     return PRESET_SCHEMES[name]["weights"]
 
 
+class _Preset(_Scheme):
+    """A compressed-tensors preset whose weights use a fixed block (`group`) of `bits`-bit floats."""
+
+    preset: str = ""
+    group: int = 0
+    bits: int = 4
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    def check(self, model):
+        _check_group(model, self.group, self.method)
+
+    def _weights(self):
+        return _preset_weights(self.preset)
+
+    def describe(self):
+        return {**super().describe(), "bits": self.bits, "group": self.group, "scheme": self.preset}
+
+
 @register
 @dataclass(frozen=True)
-class MXFP4(_Scheme):
+class MXFP4(_Preset):
     method = "mxfp4"
     summary = "OCP microscaling FP4: E2M1 weights, one power-of-two (E8M0) scale per 32 (MXFP4A16)"
-
-    @property
-    def name(self) -> str:
-        return "mxfp4"
-
-    def check(self, model):
-        _check_group(model, 32, "mxfp4")
-
-    def _weights(self):
-        return _preset_weights("MXFP4A16")
-
-    def describe(self):
-        return {**super().describe(), "bits": 4, "group": 32, "scheme": "MXFP4A16"}
+    preset, group = "MXFP4A16", 32
 
 
 @register
 @dataclass(frozen=True)
-class NVFP4(_Scheme):
+class NVFP4(_Preset):
     method = "nvfp4"
     summary = "NVIDIA FP4: E2M1 weights, an FP8 scale per 16 and a global scale per tensor (NVFP4A16)"
-
-    @property
-    def name(self) -> str:
-        return "nvfp4"
-
-    def check(self, model):
-        _check_group(model, 16, "nvfp4")
-
-    def _weights(self):
-        return _preset_weights("NVFP4A16")
-
-    def describe(self):
-        return {**super().describe(), "bits": 4, "group": 16, "scheme": "NVFP4A16"}
+    preset, group = "NVFP4A16", 16
