@@ -34,6 +34,7 @@ from qdm_engine.engine.models import (
 from qdm_engine.engine.perplexity import perplexity
 from qdm_engine.engine.runner import ConditionRun, auto_batch_size, run_conditions
 from qdm_engine.engine.sae import load_sae
+from qdm_engine.engine.sites import site_width
 from qdm_engine.engine.tokens import make_blocks, read_text
 from qdm_engine.errors import QdmError
 from qdm_engine.kernels.moments import FeatureMoments
@@ -262,9 +263,11 @@ def sweep(
     n_layers = len(decoder_layers(lm))
     for s, h in zip(saes, hooks):
         parse_hook(h, n_layers)
-        if s.d_in != model_id["d_model"]:
+        width = site_width(lm, decoder_layers(lm), h)
+        if s.d_in != width:
+            what = "d_model" if width == model_id["d_model"] else f"width at {h}"
             raise QdmError(
-                f"SAE d_in {s.d_in} does not match the model's d_model {model_id['d_model']}; "
+                f"SAE d_in {s.d_in} does not match the model's {what} {width}; "
                 "pass an SAE trained on this model"
             )
     if any(not isinstance(c, FP) for c in conditions) or prune_matched or matches:

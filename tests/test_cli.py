@@ -107,7 +107,7 @@ def odd_inputs(tmp_path_factory):
 ERROR_CASES = {
     "d_in mismatch": (lambda i: dict(sae=i["sae16"]), "SAE d_in 16 does not match the model's d_model 32"),
     "bad hook": (lambda i: dict(extra=["--hook", "blocks.7.hook_resid_post"]),
-                 "hook 'blocks.7.hook_resid_post' does not exist in this model; valid hooks: blocks.L.hook_resid_pre or blocks.L.hook_resid_post with L in 0..2"),
+                 "hook .blocks.7.hook_resid_post. does not exist in this model; valid hooks: blocks.L.hook_resid_pre, .* with L in 0..2"),
     "bits range": (lambda i: dict(extra=["--bits", "1..4"]), "--bits 1..4: 1 is outside 2..16"),
     "bits high": (lambda i: dict(extra=["--bits", "17"]), "17 is outside 2..16"),
     "empty text": (lambda i: dict(text=i["empty"]), "is empty"),

@@ -83,15 +83,17 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def valid_hooks(n_layers: int) -> str:
-    return f"blocks.L.hook_resid_pre or blocks.L.hook_resid_post with L in 0..{n_layers - 1}"
+    from qdm_engine.engine.sites import valid_sites
+
+    return valid_sites(n_layers)
 
 
 def parse_hook(hook: str, n_layers: int) -> tuple[int, str]:
-    """(layer, 'pre'|'post') for a TransformerLens residual hook name, or a QdmError listing valid ones."""
-    m = HOOK_RE.match(hook or "")
-    if m is None or int(m.group(1)) >= n_layers:
-        raise QdmError(f"hook '{hook}' does not exist in this model; valid hooks: {valid_hooks(n_layers)}")
-    return int(m.group(1)), m.group(2)
+    """(layer, kind) for a TransformerLens hook name: kind 'pre' or 'post' for the residual stream,
+    'attn_out', 'mlp_out' or 'z' inside the layer (engine.sites); a QdmError listing the valid ones."""
+    from qdm_engine.engine.sites import parse_site
+
+    return parse_site(hook, n_layers)
 
 
 @dataclass
@@ -99,7 +101,7 @@ class ReadOut:
     """Captures the residual stream at one site during forward passes."""
 
     layer: int
-    side: str  # 'pre' or 'post'
+    side: str  # 'pre', 'post', 'attn_out', 'mlp_out' or 'z'
     value: torch.Tensor | None = field(default=None, repr=False)
 
 
@@ -114,11 +116,25 @@ def read_out(model: torch.nn.Module, hook: str):
             ro.value = output[0] if isinstance(output, tuple) else output
 
         handle = layers[layer].register_forward_hook(grab)
-    else:
+    elif side == "pre":
         def grab(_mod, args, kwargs):
             ro.value = args[0] if args else kwargs["hidden_states"]
 
         handle = layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    else:  # a sub-layer site: the output (or, for hook_z, the input) of one module inside the layer
+        from qdm_engine.engine.sites import site_module
+
+        mod, where = site_module(layers[layer], side, hook)
+        if where == "out":
+            def grab(_mod, _args, output):
+                ro.value = output[0] if isinstance(output, tuple) else output
+
+            handle = mod.register_forward_hook(grab)
+        else:
+            def grab(_mod, args, kwargs):
+                ro.value = args[0] if args else next(iter(kwargs.values()))
+
+            handle = mod.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         yield ro
     finally:
@@ -136,7 +152,8 @@ def stop_after(model: torch.nn.Module, hooks: list[str]):
     Enter it after the `read_out` contexts so their hooks on the same layer run first.
     """
     layers = decoder_layers(model)
-    layer, side = max((parse_hook(h, len(layers)) for h in hooks), key=lambda ls: (ls[0], ls[1] == "post"))
+    layer, side = max((parse_hook(h, len(layers)) for h in hooks), key=lambda ls: (ls[0], ls[1] != "pre"))
+    side = "pre" if side == "pre" else "post"  # a site inside layer L is reached once layer L has run
 
     def stop(*_args, **_kwargs):
         raise StopForward

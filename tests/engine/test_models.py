@@ -34,9 +34,12 @@ def test_read_out_removes_its_hook(tiny_llama):
     assert len(layer._forward_hooks) == 0
 
 
-@pytest.mark.parametrize("hook", ["blocks.3.hook_resid_post", "blocks.1.hook_mlp_out", "layer1", ""])
+@pytest.mark.parametrize("hook", ["blocks.3.hook_resid_post", "blocks.1.hook_mlp_in", "blocks.3.hook_mlp_out",
+                                  "layer1", ""])
 def test_bad_hook_lists_valid_ones(hook):
-    with pytest.raises(QdmError, match=r"does not exist.*blocks\.L\.hook_resid_pre or blocks\.L\.hook_resid_post with L in 0\.\.2"):
+    with pytest.raises(QdmError, match=r"does not exist.*blocks\.L\.hook_resid_pre, blocks\.L\.hook_resid_post, "
+                                       r"blocks\.L\.hook_attn_out, blocks\.L\.hook_mlp_out or blocks\.L\.attn\.hook_z "
+                                       r"with L in 0\.\.2"):
         parse_hook(hook, 3)
 
 
