@@ -270,6 +270,11 @@ class _Prune(_Calibrated):
         s = (int(self.pattern.split(":")[0]) / int(self.pattern.split(":")[1])) if self.pattern else self.sparsity
         return dict(sparsity=s, mask_structure=self.pattern or "0:0", targets=["Linear"], ignore=_ignore(model))
 
+    def apply(self, model):
+        from llmcompressor.modifiers import pruning
+
+        run_llmcompressor(model, [getattr(pruning, self.modifier)(**self._kw(model))], self._calib())
+
     def describe(self) -> dict:
         d = super().describe()
         if self.pattern:
@@ -283,11 +288,7 @@ class _Prune(_Calibrated):
 class Wanda(_Prune):
     method = "wanda"
     summary = "Wanda: prune the smallest |W| x input-activation-norm weights per output row (no update)"
-
-    def apply(self, model):
-        from llmcompressor.modifiers.pruning import WandaPruningModifier
-
-        run_llmcompressor(model, [WandaPruningModifier(**self._kw(model))], self._calib())
+    modifier = "WandaPruningModifier"
 
 
 @register
@@ -295,11 +296,7 @@ class Wanda(_Prune):
 class SparseGPT(_Prune):
     method = "sparsegpt"
     summary = "SparseGPT: prune with second-order (OBS) updates of the remaining weights"
-
-    def apply(self, model):
-        from llmcompressor.modifiers.pruning import SparseGPTModifier
-
-        run_llmcompressor(model, [SparseGPTModifier(**self._kw(model))], self._calib())
+    modifier = "SparseGPTModifier"
 
 
 class _Scheme(Method):
