@@ -274,7 +274,7 @@ def sweep(
         find_targets(lm)  # compression needs the decoder-layer linears: fail before any forward pass
     for c in conditions + [t for _m, _n, t in matches]:
         if isinstance(c, Checkpoint):
-            c.check(lm, tok)  # tokenizer, depth, width and every parameter shape against the base
+            c.check(lm, tok, text_str[:20000])  # tokenizer on the audit text, depth, width, parameter shapes
         else:
             c.check(lm)  # group sizes, block sizes and patterns against this model's widths
     if tokens == "auto":  # a few minutes for an INT8..INT4 sweep of a ~100M model on 2 CPU cores

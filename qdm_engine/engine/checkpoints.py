@@ -115,16 +115,18 @@ def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, t
     return lm.eval().requires_grad_(False), tok
 
 
-def same_tokenizer(a, b) -> str | None:
-    """None when two tokenizers map text to the same ids (vocabulary, merges, special tokens), else why not."""
+def same_tokenizer(a, b, probe: str | None = None) -> str | None:
+    """None when two tokenizers give the audit the same ids (vocabulary, merges via a probe text, BOS), else why not."""
     if a.get_vocab() != b.get_vocab():
         return f"vocabularies differ ({len(a.get_vocab())} vs {len(b.get_vocab())} entries)"
-    for attr in ("bos_token_id", "eos_token_id", "unk_token_id"):
+    # BOS starts every audit block; EOS/UNK are never placed by the audit (and transformers' GGUF loader
+    # reports a gpt2-style file's EOS as its BOS), so they are not compared
+    for attr in ("bos_token_id",):
         if getattr(a, attr, None) != getattr(b, attr, None):
             return f"{attr} differs ({getattr(a, attr, None)} vs {getattr(b, attr, None)})"
-    probe = "The quick brown fox, 1234 tokens; naïve café\nnew line  two spaces"
+    probe = probe or "The quick brown fox, 1234 tokens; naïve café\nnew line  two spaces"
     if a(probe, add_special_tokens=False)["input_ids"] != b(probe, add_special_tokens=False)["input_ids"]:
-        return "the same text tokenizes differently (merges or normalisation differ)"
+        return "the audit text tokenizes differently (merges or normalisation differ)"
     return None
 
 
@@ -145,12 +147,13 @@ class Checkpoint:
     def name(self) -> str:
         return self.label
 
-    def check(self, model: torch.nn.Module, tokenizer=None) -> None:
-        """Tokenizer, depth, width and every parameter's shape against the base, before any forward."""
+    def check(self, model: torch.nn.Module, tokenizer=None, probe: str | None = None) -> None:
+        """Tokenizer (on `probe`, a sample of the audit text), depth, width and every parameter's shape
+        against the base, before any forward."""
         ck, tok = load_dense(self.path, self.format, self.gguf_file, torch.float32, self.trust_remote_code)
         try:
             if tokenizer is not None:
-                why = same_tokenizer(tokenizer, tok)
+                why = same_tokenizer(tokenizer, tok, probe)
                 if why:
                     raise QdmError(f"--compressed {self.path}: its tokenizer does not match the base model's: {why}")
             _compatible(model, ck, self.path)

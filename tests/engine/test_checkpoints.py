@@ -139,3 +139,89 @@ def test_same_tokenizer(tiny_llama):
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
     assert same_tokenizer(tok, AutoTokenizer.from_pretrained(str(tiny_llama))) is None
+
+
+def write_tiny_llama_gguf(model_dir, path, qtype=None):
+    """A GGUF file of the tiny Llama, written with the gguf library the way llama.cpp's converter lays it
+    out (q/k rows permuted, byte-level BPE tokenizer); block linears quantized to `qtype` when given."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    cfg = m.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    tj = json.loads((model_dir / "tokenizer.json").read_text())
+    toks = [None] * len(tj["model"]["vocab"])
+    for t, i in tj["model"]["vocab"].items():
+        toks[i] = t
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(toks)
+    w.add_token_merges([" ".join(x) if isinstance(x, list) else x for x in tj["model"]["merges"]])
+    special = {tok.unk_token, tok.bos_token, tok.eos_token}
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in toks])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_unk_token_id(tok.unk_token_id)
+
+    def perm(a, heads):  # llama.cpp's converter interleaves the rotary halves of q and k
+        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    def put(name, a, linear=False):
+        if linear and qtype is not None:
+            t = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
+        else:
+            w.add_tensor(name, a)
+
+    sd = {k: v.float().numpy() for k, v in m.state_dict().items()}
+    put("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {"attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        put(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        put(f"blk.{i}.attn_q.weight", perm(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads), True)
+        put(f"blk.{i}.attn_k.weight", perm(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads), True)
+        for g, h in names.items():
+            put(f"blk.{i}.{g}.weight", sd[p + h + ".weight"], True)
+    put("output_norm.weight", sd["model.norm.weight"])
+    put("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_checkpoint_against_itself_and_its_source(tiny_llama, tiny_sae, text_file, tmp_path):
+    """GGUF files of the tiny Llama written with the gguf library: the F32 file against itself audits at
+    r = 1; the Q8_0 file against its HF source gives what --method gguf:type=Q8_0 gives (the same bytes,
+    dequantized by transformers' GGUF loader instead of ours) within 1e-9."""
+    f32 = write_tiny_llama_gguf(tiny_llama, tmp_path / "tiny-f32.gguf")
+    q8 = write_tiny_llama_gguf(tiny_llama, tmp_path / "tiny-q8_0.gguf", "Q8_0")
+    out = tmp_path / "self"
+    assert main(["sweep", "--gguf-file", str(f32), "--sae", str(tiny_sae), "--text", str(text_file), "--tokens",
+                 "256", "--block-len", "32", "--quiet", "--out", str(out), "--compressed", f"same={f32}"]) == 0
+    same = pd.read_parquet(out / "features" / "same.parquet")
+    assert same["active"].sum() > 10 and np.allclose(same.loc[same["active"], "r"], 1.0, atol=1e-9)
+    out = tmp_path / "vs-source"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--compressed", str(q8), "--method", "gguf:type=Q8_0") == 0
+    ck = pd.read_parquet(out / "features" / "tiny-q8_0.parquet")
+    ours = pd.read_parquet(out / "features" / "gguf-q8_0.parquet")
+    act = ck["active"].to_numpy()
+    assert np.allclose(ck.loc[act, "r"], ours.loc[act, "r"], atol=1e-9, rtol=0)
+    assert ck.loc[act, "r"].mean() < 1.0
+    cfg = json.loads((out / "config.json").read_text())
+    c = next(c for c in cfg["conditions"] if c["name"] == "tiny-q8_0")
+    assert c["format"] == "gguf" and c["gguf_file"] == "tiny-q8_0.gguf" and "tiny-q8_0.gguf" in c["sha256"]
