@@ -87,7 +87,7 @@ def _versions() -> dict:
 
 
 def _conditions(bits, prune, null: bool, prune_matched: str | None = None, methods=(), scope: str = "blocks",
-                match=(), checkpoints: bool = False) -> list:
+                match=(), checkpoints=()) -> list:
     """The conditions of a sweep from its flags, all checked before any model loads."""
     if scope not in SCOPES:
         raise QdmError(f"unknown --scope '{scope}'; choose blocks or all")
@@ -96,6 +96,7 @@ def _conditions(bits, prune, null: bool, prune_matched: str | None = None, metho
     conds += [parse_method(m) for m in (methods or [])]
     if scope == "all":
         conds = [_with_scope(c) for c in conds]
+    conds += list(checkpoints)
     if null:
         conds.insert(0, FP())
     if prune_matched:
@@ -107,14 +108,13 @@ def _conditions(bits, prune, null: bool, prune_matched: str | None = None, metho
     names = [c.name for c in conds]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise QdmError(f"condition {', '.join(twice)} is listed twice; drop the repeated --bits/--method")
+        raise QdmError(f"condition {', '.join(twice)} is listed twice; drop the repeated --bits/--method "
+                       "(or name a checkpoint with --compressed NAME=PATH)")
     return conds
 
 
 def _with_scope(cond):
     """`--scope all`: embeddings and head too, for the methods that quantize a tensor on its own."""
-    import dataclasses
-
     if isinstance(cond, FP):
         return cond
     if "scope" not in {f.name for f in dataclasses.fields(cond)}:
@@ -225,12 +225,7 @@ def sweep(
 
     compressed = [compressed] if isinstance(compressed, (str, Path)) else list(compressed or [])
     checkpoints = [make_checkpoint(str(c), trust_remote_code) for c in compressed]  # paths checked, files hashed
-    conditions = _conditions(bits, prune, null, prune_matched, methods, scope, match, bool(checkpoints))
-    conditions += checkpoints
-    names = [c.name for c in conditions]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise QdmError(f"condition {', '.join(twice)} is listed twice; name a checkpoint with --compressed NAME=PATH")
+    conditions = _conditions(bits, prune, null, prune_matched, methods, scope, match, checkpoints)
     matches = [(m, t, _match_target(t, conditions)) for m, t in map(parse_match, match)]
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise QdmError(f"--batch-size must be a positive number or auto, got {batch_size}")

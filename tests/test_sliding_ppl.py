@@ -86,14 +86,14 @@ def test_ppl_command_adds_columns_to_a_run(tiny_llama, tiny_sae, text_file, tmp_
 
 
 def test_ppl_rebuilds_every_method_from_its_recorded_spec(tiny_llama, tiny_sae, text_file, tmp_path, capsys):
-    """A group-wise RTN and an NF4 condition are rescored as themselves (not as per-row RTN, not as FP);
-    a calibrated method is left empty and named, never given the FP perplexity."""
+    """A group-wise RTN and a 2:4 magnitude condition are rescored as themselves (not as per-row RTN, not as
+    FP); a calibrated method is left empty and named, never given the FP perplexity."""
     from qdm_engine.engine.compress import parse_method
     from qdm_engine.engine.perplexity import perplexity
 
     out = tmp_path / "run"
     methods = ["rtn:bits=3,group=16", "magnitude:pattern=2:4"]
-    if parse_method.__module__ and __import__("importlib").util.find_spec("llmcompressor") is not None:
+    if __import__("importlib").util.find_spec("llmcompressor") is not None:
         methods.append("wanda:sparsity=0.3")
     argv = ["sweep", "--model", str(tiny_llama), "--sae", str(tiny_sae), "--text", str(text_file), "--tokens", "256",
             "--block-len", "32", "--calib-tokens", "64", "--bits", "3", "--quiet", "--out", str(out)]

@@ -89,9 +89,11 @@ def weight_hashes(path: str, gguf_file: str | None) -> dict[str, str]:
     return out
 
 
-def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool = False):
-    """(model, tokenizer) of a checkpoint, dense weights on the host."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, trust_remote_code: bool = False,
+               skeleton: bool = False):
+    """(model, tokenizer) of a checkpoint, dense weights on the host; with `skeleton`, only the architecture
+    built from its config on the meta device (names and shapes, no weights read: the pre-forward checks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path).expanduser()
     src = str(p.parent if p.is_file() else p)
@@ -108,7 +110,13 @@ def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, t
     try:
         with hf_progress_bars(False):
             tok = AutoTokenizer.from_pretrained(src, **kw)
-            lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **mkw)
+            if skeleton:
+                cfg = AutoConfig.from_pretrained(src, **kw)
+                cfg.quantization_config = None  # the dense architecture the checkpoint dequantizes to
+                with torch.device("meta"):
+                    lm = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+            else:
+                lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **mkw)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QdmError(f"could not load --compressed {path} ({fmt}): {first}") from None
@@ -150,7 +158,8 @@ class Checkpoint:
     def check(self, model: torch.nn.Module, tokenizer=None, probe: str | None = None) -> None:
         """Tokenizer (on `probe`, a sample of the audit text), depth, width and every parameter's shape
         against the base, before any forward."""
-        ck, tok = load_dense(self.path, self.format, self.gguf_file, torch.float32, self.trust_remote_code)
+        ck, tok = load_dense(self.path, self.format, self.gguf_file, torch.float32, self.trust_remote_code,
+                             skeleton=True)  # the weights are read once, when the condition runs
         try:
             if tokenizer is not None:
                 why = same_tokenizer(tokenizer, tok, probe)

@@ -271,10 +271,6 @@ def check_divides(targets: list[Target], block: int, what: str, fix: str) -> Non
             raise QdmError(f"{what} {block} does not divide the width {t.in_features} of {t.name}; {fix}")
 
 
-def group_name(group: int | None) -> str:
-    return f"g{group}" if group else ""
-
-
 _LOADED = False
 
 

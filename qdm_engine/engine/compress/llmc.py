@@ -145,7 +145,7 @@ def _weight_args(bits: int, group: int | None, sym: bool, kind: str = "int", act
     return QuantizationArgs(**kw)
 
 
-def _scheme(model, weights) -> dict:
+def _scheme(weights) -> dict:
     from compressed_tensors.quantization import QuantizationScheme
 
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
@@ -209,7 +209,7 @@ class GPTQ(_Calibrated):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         w = _weight_args(self.bits, self.group, self.sym, actorder="static" if self.act_order else None)
-        mod = GPTQModifier(config_groups=_scheme(model, w), ignore=_ignore(model), dampening_frac=self.damp,
+        mod = GPTQModifier(config_groups=_scheme(w), ignore=_ignore(model), dampening_frac=self.damp,
                            actorder="static" if self.act_order else None)
         run_llmcompressor(model, [mod], self._calib())
 
@@ -236,7 +236,7 @@ class AWQ(_Calibrated):
         from llmcompressor.modifiers.awq import AWQModifier
 
         w = _weight_args(self.bits, self.group, self.sym)
-        mod = AWQModifier(config_groups=_scheme(model, w), ignore=_ignore(model))
+        mod = AWQModifier(config_groups=_scheme(w), ignore=_ignore(model))
         run_llmcompressor(model, [mod], self._calib())
 
 
@@ -312,7 +312,7 @@ class _Scheme(Method):
     def apply(self, model):
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        mod = QuantizationModifier(config_groups=_scheme(model, self._weights()), ignore=_ignore(model))
+        mod = QuantizationModifier(config_groups=_scheme(self._weights()), ignore=_ignore(model))
         run_llmcompressor(model, [mod], None)
 
 
