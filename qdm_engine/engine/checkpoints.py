@@ -1,9 +1,12 @@
 """A downloaded compressed (or fine-tuned) checkpoint as a condition: `--compressed [NAME=]PATH`.
 
-The checkpoint is loaded to dense weights on the host, checked against the audited base model (same
-tokenizer, same depth and width, every parameter name and shape), and its weights are copied into the
-base model in place, so it runs on identical tokens through the same SAE like any other condition; the
-base comes back bit for bit afterwards (`ModelState`). Formats:
+The checkpoint is checked against the audited base model before any forward (same tokenizer, same
+depth and width, every parameter name and shape: on an architecture built on the meta device, no weights
+read), then, when its condition runs, loaded to dense weights on the host and put in place of the base's
+parameters, so it runs on identical tokens through the same SAE like any other condition. The base's
+tensors are released before the checkpoint loads; the sweep runs checkpoints after its in-process
+conditions and, from the first checkpoint on, keeps no copy of the base (its FP read-outs are cached), so
+base and checkpoint are never both held at full size. Formats:
 
 - a GGUF file (`model.gguf`, or a folder with one `.gguf` file): dequantized by transformers' GGUF loader;
 - a compressed-tensors folder (llm-compressor's output: W4A16, W8A8, FP8, NVFP4, 2:4 ...): loaded with
@@ -170,16 +173,31 @@ class Checkpoint:
             del ck
             gc.collect()
 
+    # the runner may run it last and drop the base's snapshot first (the FP read-outs are cached by then)
+    replaces_weights = True
+
     def apply(self, model: torch.nn.Module) -> None:
-        dtype = next(model.parameters()).dtype
+        """Point every parameter of the base at the checkpoint's dense tensor (no copy where dtype and device
+        already match); the base's own tensors are released before the checkpoint loads, so the two are never
+        both held at full size (the sweep keeps a host snapshot of the base only while a later condition
+        still needs it: `ModelState.restore` copies it back into these tensors)."""
+        params = list({id(p): p for p in model.parameters()}.values())
+        dtype, device = params[0].dtype, params[0].device
+        for p in params:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        gc.collect()
         ck, _ = load_dense(self.path, self.format, self.gguf_file, dtype, self.trust_remote_code)
         src = dict(ck.named_parameters(remove_duplicate=False)) | dict(ck.named_buffers())
+        del ck
         with torch.no_grad():
-            for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+            for name, p in model.named_parameters(remove_duplicate=False):
+                if p.numel() == 0:  # a tied parameter takes the tensor of its first name
+                    p.data = src[name].detach().to(device, p.dtype)
+            for name, t in model.named_buffers():
                 v = src.get(name)
                 if v is not None and v.shape == t.shape:
                     t.copy_(v.detach().to(t.device, t.dtype))
-        del ck, src
+        del src
         gc.collect()
 
     def describe(self) -> dict:

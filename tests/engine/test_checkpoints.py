@@ -225,3 +225,48 @@ def test_gguf_checkpoint_against_itself_and_its_source(tiny_llama, tiny_sae, tex
     cfg = json.loads((out / "config.json").read_text())
     c = next(c for c in cfg["conditions"] if c["name"] == "tiny-q8_0")
     assert c["format"] == "gguf" and c["gguf_file"] == "tiny-q8_0.gguf" and "tiny-q8_0.gguf" in c["sha256"]
+
+
+@needs_llmc
+def test_checkpoint_beside_in_process_methods(tiny_llama, tiny_sae, text_file, tmp_path, w4a16):
+    """A checkpoint in a sweep with in-process conditions: it runs after them (the base's snapshot is dropped
+    before it), each condition exactly as it is in a sweep of its own."""
+    mixed = tmp_path / "mixed"
+    assert _sweep(tiny_llama, tiny_sae, text_file, mixed, "--bits", "4", "--compressed", f"ck={w4a16}",
+                  "--method", "rtn:bits=4,group=16") == 0
+    summary = pd.read_csv(mixed / "summary.csv")
+    assert summary["condition"].tolist() == ["fp", "int4", "int4-g16", "ck"]
+    for name, args in [("int4", ["--bits", "4"]), ("ck", ["--compressed", f"ck={w4a16}"]),
+                       ("int4-g16", ["--method", "rtn:bits=4,group=16"])]:
+        alone = tmp_path / f"alone-{name}"
+        assert _sweep(tiny_llama, tiny_sae, text_file, alone, *args) == 0
+        a = pd.read_parquet(alone / "features" / f"{name}.parquet")["r"].to_numpy()
+        b = pd.read_parquet(mixed / "features" / f"{name}.parquet")["r"].to_numpy()
+        assert np.array_equal(a, b, equal_nan=True), name
+        s_alone = pd.read_csv(alone / "summary.csv").set_index("condition").loc[name, "ppl"]
+        assert s_alone == summary.set_index("condition").loc[name, "ppl"]
+
+
+@needs_llmc
+def test_checkpoint_condition_restores_the_base(tiny_llama, tiny_sae, text_file, w4a16):
+    """Without release_base the runner puts the base back bit for bit after a checkpoint (its tensors were
+    released and replaced by the checkpoint's, then refilled from the snapshot)."""
+    from transformers import AutoModelForCausalLM
+
+    from qdm_engine.engine.checkpoints import make_checkpoint
+    from qdm_engine.engine.compression import RTN
+    from qdm_engine.engine.runner import run_conditions
+    from qdm_engine.engine.sae import load_sae
+    from qdm_engine.engine.tokens import make_blocks, read_text
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sae = load_sae(str(tiny_sae))
+    blocks = make_blocks(AutoTokenizer.from_pretrained(str(tiny_llama)), read_text(str(text_file)), 32, 128, True)
+    ck = make_checkpoint(str(w4a16))
+    runs = run_conditions(model, [sae], [sae.hook_name], blocks, [ck, RTN(4)], 4, progress=False, topk=0, units=0)
+    assert [r.name for r in runs] == ["fp", ck.name, "int4"]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert runs[1].moments[0].pearson().nan_to_num().mean() < 1.0  # the checkpoint did run
