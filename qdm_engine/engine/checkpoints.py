@@ -11,15 +11,18 @@ base and checkpoint are never both held at full size. Formats:
 - a GGUF file (`model.gguf`, or a folder with one `.gguf` file): dequantized by transformers' GGUF loader;
 - a compressed-tensors folder (llm-compressor's output: W4A16, W8A8, FP8, NVFP4, 2:4 ...): loaded with
   `CompressedTensorsConfig(dequantize=True)`, which gives the weights its kernels compute with;
+- a bitsandbytes folder (NF4 / FP4 / LLM.int8, `save_pretrained` of a quantized-on-load model): loaded by
+  transformers and dequantized at once, before any forward (see `load_dense`);
 - a plain transformers folder or hub id (a fine-tuned or distilled variant).
-GPTQ / AWQ folders need gptqmodel and bitsandbytes loads need bitsandbytes (with dense weights read
-before the first forward): not wired yet, and refused with a message rather than loaded wrongly.
+GPTQ / AWQ folders need gptqmodel and torchao checkpoints torchao: not wired yet, and refused with a
+message rather than loaded wrongly.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -69,9 +72,12 @@ def detect_format(path: str) -> tuple[str, str | None, dict | None]:
     method = str(q.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         return "compressed-tensors", None, q
+    if method == "bitsandbytes":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise QdmError(f"--compressed {path} is a bitsandbytes checkpoint; pip install bitsandbytes to load it")
+        return "bitsandbytes", None, q
     hints = {"gptq": "pip install gptqmodel (GPTQ folders are not wired into qdm-engine yet)",
              "awq": "pip install gptqmodel (AWQ folders are not wired into qdm-engine yet)",
-             "bitsandbytes": "bitsandbytes loads are not wired yet; audit the base with --method nf4 instead",
              "torchao": "torchao checkpoints are not wired yet"}
     raise QdmError(f"--compressed {path}: quantization format '{method}' cannot be loaded here; "
                    + hints.get(method, "supported: GGUF files, compressed-tensors folders, plain transformers folders"))
@@ -120,6 +126,10 @@ def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, t
                     lm = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
             else:
                 lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **mkw)
+                if fmt == "bitsandbytes":
+                    # dense weights before the first forward: on CPUs with AVX512-BF16 that forward repacks the
+                    # 4-bit weights, after which dequantizing them silently gives garbage
+                    lm = lm.dequantize(dtype=dtype)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QdmError(f"could not load --compressed {path} ({fmt}): {first}") from None

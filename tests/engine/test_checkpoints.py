@@ -270,3 +270,31 @@ def test_checkpoint_condition_restores_the_base(tiny_llama, tiny_sae, text_file,
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert runs[1].moments[0].pearson().nan_to_num().mean() < 1.0  # the checkpoint did run
+
+
+@pytest.mark.parametrize("kind, method", [("nf4", "nf4"), ("fp4", "fp4"), ("int8", "llm-int8")])
+def test_bitsandbytes_checkpoint_equals_the_method(tiny_llama, tiny_sae, text_file, tmp_path, kind, method):
+    """A bitsandbytes folder written by transformers (quantized on load, save_pretrained) audits exactly like
+    our in-process simulation of the same format (bitsandbytes' quantize/dequantize round trip on the base):
+    the same dense weights, so the same per-feature r (within 1e-9) and perplexity."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    q = (BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else
+         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32))
+    folder = tmp_path / f"tiny-bnb-{kind}"
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama), quantization_config=q, dtype=torch.float32) \
+        .save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tiny_llama)).save_pretrained(folder)
+    assert detect_format(str(folder))[0] == "bitsandbytes"
+    out = tmp_path / "run"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--method", method, "--compressed", f"ck={folder}") == 0
+    ours = pd.read_parquet(out / "features" / f"{method}.parquet")
+    theirs = pd.read_parquet(out / "features" / "ck.parquet")
+    active = ours["active"]
+    assert active.sum() > 10 and ours.loc[active, "r"].mean() < 1.0
+    assert np.allclose(ours.loc[active, "r"], theirs.loc[active, "r"], atol=1e-9, rtol=0)
+    summary = pd.read_csv(out / "summary.csv").set_index("condition")
+    assert summary.loc["ck", "ppl"] == pytest.approx(summary.loc[method, "ppl"], rel=1e-9)
+    c = json.loads((out / "config.json").read_text())["conditions"][1]
+    assert c["format"] == "bitsandbytes" and c["quantization_config"]["quant_method"] == "bitsandbytes"
