@@ -14,8 +14,9 @@ base and checkpoint are never both held at full size. Formats:
 - a bitsandbytes folder (NF4 / FP4 / LLM.int8, `save_pretrained` of a quantized-on-load model): loaded by
   transformers and dequantized at once, before any forward (see `load_dense`);
 - a plain transformers folder or hub id (a fine-tuned or distilled variant).
-GPTQ / AWQ folders need gptqmodel and torchao checkpoints torchao: not wired yet, and refused with a
-message rather than loaded wrongly.
+- a torchao folder (`save_pretrained` of a `TorchAoConfig` model: int8 / intx / float8 weight-only ...):
+  each quantized weight replaced by its own `dequantize()`;
+GPTQ / AWQ folders need gptqmodel: not wired yet, and refused with a message rather than loaded wrongly.
 """
 
 from __future__ import annotations
@@ -72,15 +73,14 @@ def detect_format(path: str) -> tuple[str, str | None, dict | None]:
     method = str(q.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         return "compressed-tensors", None, q
-    if method == "bitsandbytes":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise QdmError(f"--compressed {path} is a bitsandbytes checkpoint; pip install bitsandbytes to load it")
-        return "bitsandbytes", None, q
+    if method in ("bitsandbytes", "torchao"):
+        if importlib.util.find_spec(method) is None:
+            raise QdmError(f"--compressed {path} is a {method} checkpoint; pip install {method} to load it")
+        return method, None, q
     hints = {"gptq": "pip install gptqmodel (GPTQ folders are not wired into qdm-engine yet)",
-             "awq": "pip install gptqmodel (AWQ folders are not wired into qdm-engine yet)",
-             "torchao": "torchao checkpoints are not wired yet"}
+             "awq": "pip install gptqmodel (AWQ folders are not wired into qdm-engine yet)"}
     raise QdmError(f"--compressed {path}: quantization format '{method}' cannot be loaded here; "
-                   + hints.get(method, "supported: GGUF files, compressed-tensors folders, plain transformers folders"))
+                   + hints.get(method, "supported: GGUF files, compressed-tensors, bitsandbytes and torchao folders, plain transformers folders"))
 
 
 def weight_hashes(path: str, gguf_file: str | None) -> dict[str, str]:
@@ -130,10 +130,22 @@ def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, t
                     # dense weights before the first forward: on CPUs with AVX512-BF16 that forward repacks the
                     # 4-bit weights, after which dequantizing them silently gives garbage
                     lm = lm.dequantize(dtype=dtype)
+                elif fmt == "torchao":
+                    _dense_torchao(lm, dtype)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QdmError(f"could not load --compressed {path} ({fmt}): {first}") from None
     return lm.eval().requires_grad_(False), tok
+
+
+def _dense_torchao(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Replace each torchao-quantized weight (a tensor subclass: Int8Tensor, IntxUnpackedToInt8Tensor,
+    Float8Tensor ...) by the dense tensor its own `dequantize()` gives, so the model runs plain kernels."""
+    for module in model.modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if type(p.data) is not torch.Tensor and hasattr(p.data, "dequantize"):
+                dense = p.data.dequantize().to(dtype)
+                setattr(module, pname, torch.nn.Parameter(dense, requires_grad=False))
 
 
 def same_tokenizer(a, b, probe: str | None = None) -> str | None:

@@ -298,3 +298,49 @@ def test_bitsandbytes_checkpoint_equals_the_method(tiny_llama, tiny_sae, text_fi
     assert summary.loc["ck", "ppl"] == pytest.approx(summary.loc[method, "ppl"], rel=1e-9)
     c = json.loads((out / "config.json").read_text())["conditions"][1]
     assert c["format"] == "bitsandbytes" and c["quantization_config"]["quant_method"] == "bitsandbytes"
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g16", "fp8"])
+def test_torchao_checkpoint_loads_to_torchaos_own_dequantization(tiny_llama, tiny_sae, text_file, tmp_path, kind):
+    """A torchao folder (TorchAoConfig quantized on load, save_pretrained): the dense weights we audit are bit for
+    bit torchao's own `dequantize()` of the in-memory quantized model, and the audit of the folder equals the
+    audit of those dense weights saved as a plain transformers folder."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+
+    from qdm_engine.engine.checkpoints import load_dense
+
+    cfg = {"int8": Int8WeightOnlyConfig(), "fp8": Float8WeightOnlyConfig(),
+           "int4-g16": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(16))}[kind]
+    q = AutoModelForCausalLM.from_pretrained(str(tiny_llama), quantization_config=TorchAoConfig(quant_type=cfg),
+                                             dtype=torch.float32)
+    folder = tmp_path / f"tiny-torchao-{kind}"
+    q.save_pretrained(folder, safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tok.save_pretrained(folder)
+    assert detect_format(str(folder))[0] == "torchao"
+    dense, _ = load_dense(str(folder), "torchao", None, torch.float32)
+    theirs = dict(q.named_parameters())
+    n_quantized = 0
+    for name, p in dense.named_parameters():
+        assert type(p.data) is torch.Tensor, name
+        ref = theirs[name].data
+        if type(ref) is not torch.Tensor:
+            ref, n_quantized = ref.dequantize(), n_quantized + 1
+        assert torch.equal(p.data, ref.to(torch.float32)), name
+    assert n_quantized >= 14  # every decoder-layer linear
+    plain = tmp_path / "plain"
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    fresh.load_state_dict(dense.state_dict())
+    fresh.save_pretrained(plain)
+    tok.save_pretrained(plain)
+    out = tmp_path / "run"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--compressed", f"ao={folder}",
+                  "--compressed", f"plain={plain}") == 0
+    a = pd.read_parquet(out / "features" / "ao.parquet")
+    b = pd.read_parquet(out / "features" / "plain.parquet")
+    assert a["active"].sum() > 10 and a.loc[a["active"], "r"].mean() < 1.0
+    assert np.array_equal(a["r"].to_numpy(), b["r"].to_numpy(), equal_nan=True)
+    assert json.loads((out / "config.json").read_text())["conditions"][0]["format"] == "torchao"
