@@ -13,7 +13,9 @@ base and checkpoint are never both held at full size. Formats:
   `CompressedTensorsConfig(dequantize=True)`, which gives the weights its kernels compute with;
 - a bitsandbytes folder (NF4 / FP4 / LLM.int8, `save_pretrained` of a quantized-on-load model): loaded by
   transformers and dequantized at once, before any forward (see `load_dense`);
-- a plain transformers folder or hub id (a fine-tuned or distilled variant).
+- a plain transformers folder (a fine-tuned or distilled variant);
+any of these as a hub id, 'owner/name' (a folder) or 'owner/name:FILE.gguf', fetched into the Hugging Face
+cache (`resolve_source`).
 - a torchao folder (`save_pretrained` of a `TorchAoConfig` model: int8 / intx / float8 weight-only ...):
   each quantized weight replaced by its own `dequantize()`;
 GPTQ / AWQ folders need gptqmodel: not wired yet, and refused with a message rather than loaded wrongly.
@@ -45,10 +47,43 @@ def parse_compressed(spec: str) -> tuple[str, str]:
     if not path:
         raise QdmError(f"--compressed '{spec}': expected PATH or NAME=PATH")
     if not name:
-        p = Path(path.rstrip("/"))
+        p = Path(path.rstrip("/").rpartition(":")[2] if _hub_file(path) else path.rstrip("/"))
         name = p.stem if p.suffix == ".gguf" else p.name
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "checkpoint"
     return name, path
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # no .bin/.pt pickles
+
+
+def _hub_file(path: str) -> bool:
+    """'owner/name:FILE.gguf' (one GGUF file of a hub repository), when no such local path exists."""
+    repo, colon, fname = str(path).partition(":")
+    return bool(colon) and fname.endswith(".gguf") and bool(HUB_ID.fullmatch(repo)) and not Path(path).exists()
+
+
+def resolve_source(path: str) -> tuple[str, dict | None]:
+    """(local path, hub identity or None): a local path as it is; a hub id 'owner/name' (a transformers
+    folder: config, safetensors weights, tokenizer) or 'owner/name:FILE.gguf' (one GGUF file) fetched into
+    the Hugging Face cache (offline: taken from the cache), with the commit it resolved to."""
+    from qdm_engine.engine.models import _looks_like_path
+
+    if Path(path).expanduser().exists():
+        return path, None
+    repo, _colon, fname = str(path).partition(":")
+    if not (_hub_file(path) or (not _colon and HUB_ID.fullmatch(repo) and not _looks_like_path(repo))):
+        return path, None  # detect_format says it does not exist
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        local = hf_hub_download(repo, fname) if fname else snapshot_download(repo, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated, network: one line either way
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QdmError(f"--compressed {path} is not a local path, and the Hugging Face hub could not provide it "
+                       f"({first}); pass a local folder or .gguf file") from None
+    commit = Path(local).parent.name if fname else Path(local).name  # .../snapshots/<commit>[/FILE]
+    return local, {"hub_id": repo, "file": fname or None, "revision": commit}
 
 
 def detect_format(path: str) -> tuple[str, str | None, dict | None]:
@@ -174,6 +209,7 @@ class Checkpoint:
     quantization_config: dict | None = field(default=None, compare=False)
     sha256: dict = field(default_factory=dict, compare=False)
     trust_remote_code: bool = False
+    hub: dict | None = field(default=None, compare=False)  # hub id, file and commit when fetched from the hub
     method = "checkpoint"
 
     @property
@@ -225,7 +261,7 @@ class Checkpoint:
     def describe(self) -> dict:
         return {"method": self.method, "path": self.path, "format": self.format, "gguf_file": self.gguf_file,
                 "quantization_config": self.quantization_config, "sha256": self.sha256,
-                "bits": _bits_of(self.quantization_config)}
+                "bits": _bits_of(self.quantization_config), "hub": self.hub}
 
 
 def _bits_of(q: dict | None):
@@ -257,6 +293,7 @@ def _compatible(base: torch.nn.Module, ck: torch.nn.Module, path: str) -> None:
 
 def make_checkpoint(spec: str, trust_remote_code: bool = False) -> Checkpoint:
     """A Checkpoint condition from a `--compressed` spec (format detected, weight files hashed)."""
-    label, path = parse_compressed(spec)
+    label, source = parse_compressed(spec)
+    path, hub = resolve_source(source)
     fmt, gguf_file, q = detect_format(path)
-    return Checkpoint(label, path, fmt, gguf_file, q, weight_hashes(path, gguf_file), trust_remote_code)
+    return Checkpoint(label, path, fmt, gguf_file, q, weight_hashes(path, gguf_file), trust_remote_code, hub)

@@ -344,3 +344,48 @@ def test_torchao_checkpoint_loads_to_torchaos_own_dequantization(tiny_llama, tin
     assert a["active"].sum() > 10 and a.loc[a["active"], "r"].mean() < 1.0
     assert np.array_equal(a["r"].to_numpy(), b["r"].to_numpy(), equal_nan=True)
     assert json.loads((out / "config.json").read_text())["conditions"][0]["format"] == "torchao"
+
+
+def _fake_hub_repo(cache, repo, files, commit):
+    """A repository in the layout of the Hugging Face cache (refs/main -> snapshots/<commit>/...), which
+    huggingface_hub resolves offline exactly as it resolves a downloaded one."""
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, snap / f.name)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_hub_ids_resolve_through_the_hugging_face_cache(tiny_llama, tiny_sae, text_file, tmp_path, monkeypatch,
+                                                         capsys):
+    """'owner/name' and 'owner/name:FILE.gguf' go through huggingface_hub (offline here: from its cache) and
+    audit exactly like the same local folder / file; their hub id and commit are recorded; an unknown id is
+    one line, exit 2."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder_files = [f for f in tiny_llama.iterdir() if f.is_file()]
+    _fake_hub_repo(tmp_path / "hub", "acme/tiny-ft", folder_files, "a" * 40)
+    gguf = write_tiny_llama_gguf(tiny_llama, tmp_path / "tiny-q8_0.gguf", "Q8_0")
+    _fake_hub_repo(tmp_path / "hub", "acme/tiny-GGUF", [gguf], "b" * 40)
+    out = tmp_path / "run"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--compressed", "acme/tiny-ft",
+                  "--compressed", "acme/tiny-GGUF:tiny-q8_0.gguf", "--compressed", f"local={gguf}") == 0
+    summary = pd.read_csv(out / "summary.csv").set_index("condition")
+    assert summary.loc["tiny-ft", "dppl_pct"] == pytest.approx(0.0, abs=1e-9)
+    a = pd.read_parquet(out / "features" / "tiny-q8_0.parquet")["r"].to_numpy()
+    b = pd.read_parquet(out / "features" / "local.parquet")["r"].to_numpy()
+    assert np.array_equal(a, b, equal_nan=True) and np.nanmean(a) < 1.0
+    conds = {c["name"]: c for c in json.loads((out / "config.json").read_text())["conditions"]}
+    assert conds["tiny-ft"]["hub"] == {"hub_id": "acme/tiny-ft", "file": None, "revision": "a" * 40}
+    assert conds["tiny-q8_0"]["hub"] == {"hub_id": "acme/tiny-GGUF", "file": "tiny-q8_0.gguf", "revision": "b" * 40}
+    assert conds["tiny-q8_0"]["sha256"] == conds["local"]["sha256"]
+    capsys.readouterr()
+    assert _sweep(tiny_llama, tiny_sae, text_file, tmp_path / "run2", "--compressed", "acme/nothing-here") == 2
+    err = capsys.readouterr().err
+    assert "the Hugging Face hub could not provide it" in err and err.count("\n") == 1, err
