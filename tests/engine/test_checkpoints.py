@@ -389,3 +389,21 @@ def test_hub_ids_resolve_through_the_hugging_face_cache(tiny_llama, tiny_sae, te
     assert _sweep(tiny_llama, tiny_sae, text_file, tmp_path / "run2", "--compressed", "acme/nothing-here") == 2
     err = capsys.readouterr().err
     assert "the Hugging Face hub could not provide it" in err and err.count("\n") == 1, err
+
+
+def test_unknown_quantization_format_is_refused(tiny_llama, tiny_sae, text_file, tmp_path, capsys):
+    """A folder whose quantization_config names a format we cannot load: one line listing what loads, exit 2,
+    nothing written."""
+    import shutil
+
+    folder = tmp_path / "eetq"
+    shutil.copytree(tiny_llama, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "eetq", "weights": "int8"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--compressed", str(folder)) == 2
+    err = capsys.readouterr().err
+    assert "quantization format 'eetq' cannot be loaded here; supported: GGUF files" in err, err
+    assert err.count("\n") == 1 and not out.exists()
