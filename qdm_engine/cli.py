@@ -491,7 +491,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import-time warnings of libraries that transformers' quantizer registry imports whenever they are installed:
+# torchao cannot load its CUDA-only extensions on a CPU machine, registers enums torch now calls deprecated, and
+# bitsandbytes looks for an optional hub kernel. None concerns the audit; each would print on every run.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
