@@ -265,6 +265,11 @@ class Checkpoint:
 
 
 def _bits_of(q: dict | None):
+    q = q or {}
+    if q.get("quant_method") == "bitsandbytes":
+        return 4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else None
+    if isinstance(q.get("bits"), int):  # GPTQ / AWQ
+        return q["bits"]
     try:
         groups = (q or {}).get("config_groups") or {}
         return int(next(iter(groups.values()))["weights"]["num_bits"])

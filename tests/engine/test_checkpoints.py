@@ -298,6 +298,7 @@ def test_bitsandbytes_checkpoint_equals_the_method(tiny_llama, tiny_sae, text_fi
     assert summary.loc["ck", "ppl"] == pytest.approx(summary.loc[method, "ppl"], rel=1e-9)
     c = json.loads((out / "config.json").read_text())["conditions"][1]
     assert c["format"] == "bitsandbytes" and c["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert summary.loc["ck", "bits"] == (8 if kind == "int8" else 4)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4-g16", "fp8"])
