@@ -66,9 +66,12 @@ def detect_format(path: str) -> tuple[str, str | None, dict | None]:
     method = str(q.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         return "compressed-tensors", None, q
-    hints = {"gptq": "pip install gptqmodel (GPTQ folders are not wired into qdm-engine yet)",
-             "awq": "pip install gptqmodel (AWQ folders are not wired into qdm-engine yet)",
-             "bitsandbytes": "bitsandbytes loads are not wired yet; audit the base with --method nf4 instead",
+    if method in ("gptq", "awq"):
+        from qdm_engine.engine.packed import packed_spec
+
+        packed_spec(path, q)  # refuses layouts the unpacker does not read, before any compute
+        return method, None, q
+    hints = {"bitsandbytes": "bitsandbytes loads are not wired yet; audit the base with --method nf4 instead",
              "torchao": "torchao checkpoints are not wired yet"}
     raise QdmError(f"--compressed {path}: quantization format '{method}' cannot be loaded here; "
                    + hints.get(method, "supported: GGUF files, compressed-tensors folders, plain transformers folders"))
@@ -115,6 +118,10 @@ def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, t
                 cfg.quantization_config = None  # the dense architecture the checkpoint dequantizes to
                 with torch.device("meta"):
                     lm = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+            elif fmt in ("gptq", "awq"):
+                from qdm_engine.engine.packed import load_packed
+
+                lm = load_packed(src, dtype, trust_remote_code)
             else:
                 lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **mkw)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:

@@ -53,7 +53,9 @@ def test_parse_and_detect(tiny_llama, tmp_path):
     gptq = tmp_path / "gptq"
     gptq.mkdir()
     (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
-    with pytest.raises(QdmError, match="quantization format 'gptq' cannot be loaded here; pip install gptqmodel"):
+    assert detect_format(str(gptq)) == ("gptq", None, {"quant_method": "gptq", "bits": 4})  # tests/engine/test_packed.py
+    (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "torchao"}}))
+    with pytest.raises(QdmError, match="quantization format 'torchao' cannot be loaded here"):
         detect_format(str(gptq))
 
 
