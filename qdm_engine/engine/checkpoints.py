@@ -8,9 +8,12 @@ base comes back bit for bit afterwards (`ModelState`). Formats:
 - a GGUF file (`model.gguf`, or a folder with one `.gguf` file): dequantized by transformers' GGUF loader;
 - a compressed-tensors folder (llm-compressor's output: W4A16, W8A8, FP8, NVFP4, 2:4 ...): loaded with
   `CompressedTensorsConfig(dequantize=True)`, which gives the weights its kernels compute with;
+- a GPTQ folder (v1 `gptq` or `gptq_v2`, 2/3/4/8 bits, act-order) or an AWQ GEMM 4-bit folder: unpacked by
+  our own reader of the packed layout (`packed.py`, checked against gptqmodel's own dequantization), so
+  gptqmodel is not needed; other packed layouts (Marlin, GEMV, planar, per-module `dynamic`) are refused;
 - a plain transformers folder or hub id (a fine-tuned or distilled variant).
-GPTQ / AWQ folders need gptqmodel and bitsandbytes loads need bitsandbytes (with dense weights read
-before the first forward): not wired yet, and refused with a message rather than loaded wrongly.
+bitsandbytes loads need bitsandbytes (with dense weights read before the first forward): not wired yet,
+and refused with a message rather than loaded wrongly.
 """
 
 from __future__ import annotations

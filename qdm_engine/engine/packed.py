@@ -129,7 +129,6 @@ def _weight_files(root: Path, path: str) -> list[Path]:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [root / n for n in names]
     files = sorted(root.glob("*.safetensors"))
-    files = [f for f in files if f.name != "reference.safetensors"] or files
     if not files:
         raise QdmError(f"--compressed {path}: no .safetensors weights (pickled .bin checkpoints are not read); "
                        "pass a folder saved with safetensors")

@@ -17,7 +17,7 @@ from qdm_engine.engine.packed import dequantize_gptq, load_packed, unpack_codes
 from qdm_engine.errors import QdmError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "packed"
-VARIANTS = sorted(p.name for p in DATA.iterdir() if (p / "reference.safetensors").is_file())
+VARIANTS = sorted(p.stem for p in (DATA / "reference").glob("*.safetensors"))
 BASE = {"gptq-3bit-g32-asym": "base-mha", "awq-gemm-4bit-g32": "base-wide"}
 LOGIT_ATOL = 1e-3  # our float32 forward vs gptqmodel's float16 one (its torch kernels): measured <= 6.2e-4
 
@@ -36,7 +36,7 @@ def test_dense_weights_equal_gptqmodel_dequantize(name):
     from transformers import AutoModelForCausalLM
 
     folder = DATA / name
-    ref = load_file(str(folder / "reference.safetensors"))
+    ref = load_file(str(DATA / "reference" / f"{name}.safetensors"))
     stored = load_file(str(folder / "model.safetensors"))
     lm = load_packed(str(folder), torch.float32)
     ours = lm.state_dict()
@@ -61,7 +61,7 @@ def test_dense_weights_equal_gptqmodel_dequantize(name):
 def test_v1_zero_offset_is_applied():
     """checkpoint_format 'gptq' stores zero - 1: read as v2 the weights are wrong (so the test above sees it)."""
     sd = load_file(str(DATA / "gptq-4bit-g32-actorder-asym" / "model.safetensors"))
-    ref = load_file(str(DATA / "gptq-4bit-g32-actorder-asym" / "reference.safetensors"))
+    ref = load_file(str(DATA / "reference" / "gptq-4bit-g32-actorder-asym.safetensors"))
     p = "model.layers.0.mlp.down_proj"  # 64 inputs: two groups
     args = (sd[f"{p}.qweight"], sd[f"{p}.qzeros"], sd[f"{p}.scales"], sd[f"{p}.g_idx"], 4)
     assert torch.equal(dequantize_gptq(*args, True, 64).half(), ref[f"{p}.weight"])
@@ -153,12 +153,12 @@ def test_sweep_audits_folder_against_its_base(name, base, d_model, tmp_path, tex
     assert _sweep(DATA / base, sae_dir, text_file, out, "--compressed", f"ck={DATA / name}") == 0
     got = pd.read_parquet(out / "features" / "ck.parquet")
     cfg = json.loads((out / "config.json").read_text())["conditions"][0]
-    assert cfg["format"] == name.split("-")[0] and "model.safetensors" in cfg["sha256"]
+    assert cfg["format"] == name.split("-")[0] and set(cfg["sha256"]) == {"model.safetensors"}
     tok = AutoTokenizer.from_pretrained(str(DATA / base))
     blocks = make_blocks(tok, read_text(str(text_file)), 32, 256, True)
     m = AutoModelForCausalLM.from_pretrained(str(DATA / base), dtype=torch.float32)
     sae = SAE.load_from_disk(str(sae_dir))
-    ref = load_file(str(DATA / name / "reference.safetensors"))
+    ref = load_file(str(DATA / "reference" / f"{name}.safetensors"))
     stored = load_file(str(DATA / name / "model.safetensors"))
     with torch.no_grad():
         x = m(input_ids=blocks.ids, output_hidden_states=True).hidden_states[2][:, 1:].reshape(-1, d_model)

@@ -10,7 +10,7 @@ Writes, next to this file:
   base-mha/               the same with 4 key/value heads (the 3-bit variant's base)
   base-wide/              hidden 64, intermediate 128, 4 key/value heads (the AWQ variant's base)
   <name>/                 each checkpoint folder as gptqmodel's model.save() wrote it (+ the base's tokenizer)
-  <name>/reference.safetensors
+  reference/<name>.safetensors   (kept outside the checkpoint folder, whose weight files qdm-engine hashes)
       '<module>.weight'   gptqmodel's own dequantize_weight() of each quantized module (AWQ: the
                           dequantize_gemm its AwqTorchLinear.forward multiplies by), transposed to
                           (out, in), float16 (the module loaded
@@ -106,7 +106,8 @@ def main(names):
         with torch.no_grad():
             logits = q.model(input_ids=ids).logits
         ref["input_ids"], ref["logits"] = ids, logits.float().contiguous()
-        save_file(ref, str(out / "reference.safetensors"),
+        (HERE / "reference").mkdir(exist_ok=True)
+        save_file(ref, str(HERE / "reference" / f"{name}.safetensors"),
                   metadata={"writer": f"gptqmodel {gptqmodel.__version__}", "kernel": ",".join(sorted(kernels))})
         print(name, len(ref) - 2, "modules,", json.loads((out / "config.json").read_text())["quantization_config"])
 
