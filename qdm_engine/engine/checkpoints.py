@@ -10,7 +10,7 @@ base comes back bit for bit afterwards (`ModelState`). Formats:
   `CompressedTensorsConfig(dequantize=True)`, which gives the weights its kernels compute with;
 - a GPTQ folder (v1 `gptq` or `gptq_v2`, 2/3/4/8 bits, act-order) or an AWQ GEMM 4-bit folder: unpacked by
   our own reader of the packed layout (`packed.py`, checked against gptqmodel's own dequantization), so
-  gptqmodel is not needed; other packed layouts (Marlin, GEMV, planar, per-module `dynamic`) are refused;
+  gptqmodel is not needed; other packed layouts (Marlin, GEMV, planar) are refused;
 - a plain transformers folder or hub id (a fine-tuned or distilled variant).
 bitsandbytes loads need bitsandbytes (with dense weights read before the first forward): not wired yet,
 and refused with a message rather than loaded wrongly.

@@ -9,8 +9,10 @@ The packed words are a little-endian stream of `bits`-bit codes (a 3-bit code ma
   (act-order / desc_act checkpoints permute it). `checkpoint_format: gptq` (v1, the default) stores
   zero - 1, written by gptqmodel as one subtraction of 0x11111111 (4-bit; 0x01010101 8-bit, 0x55555555
   2-bit) from each word, borrows included, and per code for 3-bit; `gptq_v2` stores the zero itself.
-  Bits 2, 3, 4, 8 with int32 words; the planar `gptq_p` layout (and 5/6/7 bits), other pack dtypes,
-  per-module `dynamic` overrides, rotations and adapters are refused.
+  Bits 2, 3, 4, 8 with int32 words; gptqmodel's per-module `dynamic` rules are followed for bits and
+  group size ('-:pattern' leaves a module dense; a quantized lm_head is written as such a rule). The planar
+  `gptq_p` layout (and 5/6/7 bits), other pack dtypes, per-module layout overrides, rotations and adapters
+  are refused.
 - AWQ GEMM (`quant_method: awq`, `version`/`format: gemm`): `qweight` [in, out*4/32] and `qzeros`
   [groups, out*4/32] both pack along the output, eight 4-bit codes per word in AutoAWQ's interleaved
   order (word slot k holds column 8j + [0, 2, 4, 6, 1, 3, 5, 7][k]), `scales` [groups, out], groups
@@ -35,7 +37,7 @@ GPTQ_FORMATS = ("gptq", "gptq_v2")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # word slot k holds column AWQ_ORDER[k] of its block of 8
 # quantization_config keys whose presence changes what the packed codes mean (per-module widths, a rotation
 # or an adapter applied at run time): refused rather than unpacked wrongly
-_UNSUPPORTED_KEYS = ("dynamic", "rotation", "adapter", "activation", "hadamard")
+_UNSUPPORTED_KEYS = ("rotation", "adapter", "activation", "hadamard")
 _PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
@@ -46,8 +48,9 @@ def packed_spec(path: str, q: dict) -> dict:
     where = f"--compressed {path}"
     for key in _UNSUPPORTED_KEYS:
         if q.get(key):
-            raise QdmError(f"{where}: quantization_config.{key} is set ({str(q[key])[:60]}); per-module "
-                           "overrides, rotations and adapters are not unpacked (dense GPTQ/AWQ layouts only)")
+            raise QdmError(f"{where}: quantization_config.{key} is set ({str(q[key])[:60]}); rotations, "
+                           "adapters and activation quantization are not unpacked (plain GPTQ/AWQ weights only)")
+    rules = _dynamic_rules(where, q.get("dynamic"))
     try:
         bits = int(q.get("bits", q.get("w_bit", 4)))
         group = int(q.get("group_size", q.get("q_group_size", 128)))
@@ -64,18 +67,52 @@ def packed_spec(path: str, q: dict) -> dict:
         if fmt not in GPTQ_FORMATS:
             raise QdmError(f"{where}: GPTQ checkpoint_format '{fmt}' is not unpacked; supported: "
                            + ", ".join(GPTQ_FORMATS) + " (repack with gptqmodel to one of them)")
-        if bits not in GPTQ_BITS:
-            raise QdmError(f"{where}: GPTQ bits={bits} is not unpacked; supported: "
-                           + ", ".join(map(str, GPTQ_BITS)) + " (5/6/7 bits exist only in the planar layout)")
-        return {"method": "gptq", "bits": bits, "group_size": group, "v1": fmt == "gptq"}
+        for b in {bits} | {int(o.get("bits", bits)) for _, _, o in rules if o}:
+            if b not in GPTQ_BITS:
+                raise QdmError(f"{where}: GPTQ bits={b} is not unpacked; supported: "
+                               + ", ".join(map(str, GPTQ_BITS)) + " (5/6/7 bits exist only in the planar layout)")
+        return {"method": "gptq", "bits": bits, "group_size": group, "v1": fmt == "gptq", "dynamic": rules}
     if method == "awq":
         fmt = str(q.get("version") or q.get("format") or "gemm").lower()
         if fmt != "gemm":
             raise QdmError(f"{where}: AWQ version/format '{fmt}' is not unpacked; only the GEMM layout is")
-        if bits != 4:
+        if bits != 4 or any(o and int(o.get("bits", 4)) != 4 for _, _, o in rules):
             raise QdmError(f"{where}: AWQ bits={bits} is not unpacked; only 4-bit GEMM is")
-        return {"method": "awq", "bits": bits, "group_size": group, "v1": False}
+        return {"method": "awq", "bits": bits, "group_size": group, "v1": False, "dynamic": rules}
     raise QdmError(f"{where}: quant_method '{method}' is not a GPTQ or AWQ folder")
+
+
+def _dynamic_rules(where: str, dynamic) -> list:
+    """gptqmodel's per-module `dynamic` overrides as ordered (skip, pattern, overrides) rules: the first
+    pattern that matches a module's full name from its start decides; '-:' leaves it dense, '+:' or a bare
+    pattern overrides its bits / group_size (anything that changes the storage layout is refused)."""
+    import re
+
+    rules = []
+    for key, over in (dynamic or {}).items():
+        key = str(key)
+        skip = key.startswith("-:")
+        try:
+            pattern = re.compile(key[2:] if key.startswith(("-:", "+:")) else key)
+        except re.error as exc:
+            raise QdmError(f"{where}: quantization_config.dynamic pattern {key!r} is not a regex: {exc}") from None
+        over = dict(over or {})
+        bad = sorted(set(over) & {"format", "checkpoint_format", "pack_dtype", "quant_method", "method"})
+        if bad and not skip:
+            raise QdmError(f"{where}: quantization_config.dynamic {key!r} overrides {bad[0]}; per-module "
+                           "layouts are not unpacked (only per-module bits and group sizes)")
+        rules.append((skip, pattern, None if skip else over))
+    return rules
+
+
+def _module_layout(spec: dict, name: str) -> tuple[int, int] | None:
+    """(bits, group_size) of module `name` after `dynamic`, or None where a '-:' rule leaves it dense."""
+    for skip, pattern, over in spec.get("dynamic", ()):
+        if pattern.match(name):
+            if skip:
+                return None
+            return int(over.get("bits", spec["bits"])), int(over.get("group_size", spec["group_size"]))
+    return spec["bits"], spec["group_size"]
 
 
 def unpack_codes(words: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
@@ -154,6 +191,10 @@ def dense_state_dict(path: str, spec: dict, shapes: dict[str, tuple], dtype: tor
     where = f"--compressed {path}"
     for prefix, parts in packed.items():
         name = f"{prefix}.weight"
+        layout = _module_layout(spec, prefix)
+        if layout is None:
+            raise QdmError(f"{where}: {prefix} is packed although quantization_config.dynamic leaves it dense")
+        bits, group_size = layout
         need = ("qweight", "qzeros", "scales")
         missing = [k for k in need if k not in parts]
         if missing:
@@ -168,20 +209,19 @@ def dense_state_dict(path: str, spec: dict, shapes: dict[str, tuple], dtype: tor
             if spec["method"] == "gptq":
                 g_idx = parts.get("g_idx")
                 if g_idx is None:
-                    size = in_f if spec["group_size"] == -1 else spec["group_size"]
+                    size = in_f if group_size == -1 else group_size
                     g_idx = torch.arange(in_f) // size
                 if g_idx.shape != (in_f,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]:
                     raise ValueError(f"g_idx {tuple(g_idx.shape)} does not index {scales.shape[0]} groups "
                                      f"of {in_f} inputs")
-                w = dequantize_gptq(parts["qweight"], parts["qzeros"], scales, g_idx, spec["bits"], spec["v1"],
-                                    in_f)
+                w = dequantize_gptq(parts["qweight"], parts["qzeros"], scales, g_idx, bits, spec["v1"], in_f)
             else:
                 if parts["qweight"].shape[0] != in_f or in_f % scales.shape[0]:
                     raise ValueError(f"qweight {tuple(parts['qweight'].shape)} and {scales.shape[0]} groups "
                                      f"do not fit {in_f} inputs")
-                w = dequantize_awq(parts["qweight"], parts["qzeros"], scales, spec["bits"])
+                w = dequantize_awq(parts["qweight"], parts["qzeros"], scales, bits)
         except (ValueError, IndexError, RuntimeError) as exc:
-            raise QdmError(f"{where}: {prefix} cannot be unpacked as {spec['bits']}-bit "
+            raise QdmError(f"{where}: {prefix} cannot be unpacked as {bits}-bit "
                            f"{spec['method'].upper()}: {str(exc).splitlines()[0]}") from None
         if tuple(w.shape) != tuple(shapes[name]):
             raise QdmError(f"{where}: {prefix} unpacks to {tuple(w.shape)}, the architecture has {shapes[name]}")

@@ -2,6 +2,7 @@
 gptqmodel 7.7.0 itself wrote and computed: tests/data/packed/ (PROVENANCE.md, make_packed.py)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,16 @@ LOGIT_ATOL = 1e-3  # our float32 forward vs gptqmodel's float16 one (its torch k
 
 def test_all_variants_shipped():
     assert {"gptq-4bit-g32", "gptq-4bit-g32-actorder-asym", "gptq-8bit-g32", "gptq-3bit-g32-asym",
-            "gptq_v2-4bit-g32-asym", "awq-gemm-4bit-g32"} <= set(VARIANTS)
+            "gptq_v2-4bit-g32-asym", "gptq-4bit-g32-lmhead", "gptq-4bit-g32-skip-down",
+            "awq-gemm-4bit-g32"} <= set(VARIANTS)
+
+
+def test_dynamic_rules_as_gptqmodel_wrote_them():
+    """lm_head=True is written as a dynamic rule quantizing lm_head at 8 bits; '-:' leaves down_proj dense."""
+    head = load_file(str(DATA / "gptq-4bit-g32-lmhead" / "model.safetensors"))
+    assert head["lm_head.qweight"].shape == (32 * 8 // 32, 200)  # 8-bit codes along the 32 inputs
+    skip = load_file(str(DATA / "gptq-4bit-g32-skip-down" / "model.safetensors"))
+    assert "model.layers.0.mlp.down_proj.weight" in skip and "model.layers.0.mlp.down_proj.qweight" not in skip
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -41,15 +51,17 @@ def test_dense_weights_equal_gptqmodel_dequantize(name):
     lm = load_packed(str(folder), torch.float32)
     ours = lm.state_dict()
     weights = [k for k in ref if k.endswith(".weight")]
-    assert len(weights) == 7 * lm.config.num_hidden_layers  # q k v o gate up down of every block
+    assert sorted(weights) == sorted(k[:-len("qweight")] + "weight" for k in stored if k.endswith(".qweight"))
     for k in weights:
         assert ref[k].dtype == torch.float16 and ours[k].shape == ref[k].shape, k
         assert torch.equal(ours[k].half(), ref[k]), (k, (ours[k] - ref[k].float()).abs().max().item())
         assert ((ours[k] - ref[k].float()).abs() <= ref[k].float().abs() * 2.0 ** -11 + 2.0 ** -25).all(), k
     plain = [k for k in stored if k.endswith((".weight", ".bias"))]
-    assert "model.embed_tokens.weight" in plain and "lm_head.weight" in plain
+    assert "model.embed_tokens.weight" in plain
     for k in plain:
         assert torch.equal(ours[k], stored[k].float()), k
+    linears = {f"{n}.weight" for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears <= set(weights) | set(plain)  # every Linear either unpacked or stored dense
     with torch.no_grad():
         got = lm(input_ids=ref["input_ids"]).logits
         base = AutoModelForCausalLM.from_pretrained(str(DATA / BASE.get(name, "base")))(input_ids=ref["input_ids"]).logits
@@ -201,13 +213,16 @@ def _variant(tmp_path, src, **changes):
     ("gptq-4bit-g32", {"checkpoint_format": "marlin"}, "GPTQ checkpoint_format 'marlin' is not unpacked"),
     ("gptq-4bit-g32", {"bits": 5}, "GPTQ bits=5 is not unpacked; supported: 2, 3, 4, 8"),
     ("gptq-4bit-g32", {"pack_dtype": "int16"}, "pack_dtype 'int16' is not unpacked"),
-    ("gptq-4bit-g32", {"dynamic": {"-:.*down_proj": {}}}, "quantization_config.dynamic is set"),
+    ("gptq-4bit-g32", {"dynamic": {"+:.*down_proj": {"bits": 6}}}, "GPTQ bits=6 is not unpacked"),
+    ("gptq-4bit-g32", {"dynamic": {".*down_proj": {"format": "marlin"}}},
+     "quantization_config.dynamic '.*down_proj' overrides format; per-module layouts are not unpacked"),
+    ("gptq-4bit-g32", {"rotation": "hadamard"}, "quantization_config.rotation is set (hadamard)"),
     ("awq-gemm-4bit-g32", {"version": "gemv", "format": "gemv"}, "AWQ version/format 'gemv' is not unpacked"),
     ("awq-gemm-4bit-g32", {"bits": 8}, "AWQ bits=8 is not unpacked; only 4-bit GEMM is"),
 ])
 def test_refused_layouts_exit_2_with_one_line(src, changes, message, tmp_path, text_file, tiny_sae, capsys):
     ck = _variant(tmp_path, src, **changes)
-    with pytest.raises(QdmError, match=message.replace("(", r"\(")):
+    with pytest.raises(QdmError, match=re.escape(message)):
         detect_format(str(ck))
     out = tmp_path / "run"
     capsys.readouterr()

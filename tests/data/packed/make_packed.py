@@ -38,6 +38,10 @@ from qdm_testing import build_tiny_model, make_text  # noqa: E402
 VARIANTS = {
     "gptq-4bit-g32": ("GPTQConfig", dict(bits=4, group_size=32, desc_act=False, sym=True)),
     "gptq-4bit-g32-actorder-asym": ("GPTQConfig", dict(bits=4, group_size=32, desc_act=True, sym=False)),
+    "gptq-4bit-g32-lmhead": ("GPTQConfig", dict(bits=4, group_size=32, desc_act=False, sym=True, lm_head=True)),
+    # gptqmodel's way to leave modules dense: a '-:' (skip) pattern in `dynamic`
+    "gptq-4bit-g32-skip-down": ("GPTQConfig", dict(bits=4, group_size=32, desc_act=False, sym=True,
+                                                   dynamic={r"-:.*mlp\.down_proj": {}})),
     "gptq-8bit-g32": ("GPTQConfig", dict(bits=8, group_size=32, desc_act=False, sym=True)),
     # 3-bit qzeros need out_features % 32 == 0: quantized from base-mha (4 key/value heads: k/v_proj 32 wide)
     "gptq-3bit-g32-asym": ("GPTQConfig", dict(bits=3, group_size=32, desc_act=False, sym=False)),
