@@ -35,15 +35,16 @@ from qdm_engine.errors import QdmError
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # word slot k holds column AWQ_ORDER[k] of its block of 8
-# quantization_config keys whose presence changes what the packed codes mean (per-module widths, a rotation
-# or an adapter applied at run time): refused rather than unpacked wrongly
-_UNSUPPORTED_KEYS = ("rotation", "adapter", "activation", "hadamard")
+# quantization_config keys whose presence changes what the weights mean (a rotation, an adapter or activation
+# quantization applied at run time, AutoGPTQ's old Marlin repacking): refused rather than unpacked wrongly
+_UNSUPPORTED_KEYS = ("rotation", "adapter", "activation", "hadamard", "is_marlin_format")
 _PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def packed_spec(path: str, q: dict) -> dict:
     """The layout of a GPTQ / AWQ folder from its quantization_config: {method, bits, group_size, v1 (GPTQ
-    zeros stored minus one)}; QdmError naming the field for anything this unpacker does not read."""
+    zeros stored minus one), dynamic (per-module rules)}; QdmError naming the field for anything this
+    unpacker does not read."""
     method = str(q.get("quant_method", "")).lower()
     where = f"--compressed {path}"
     for key in _UNSUPPORTED_KEYS:
@@ -141,6 +142,9 @@ def _v1_zeros(qzeros: torch.Tensor, bits: int, out: int) -> torch.Tensor:
 def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int, v1: bool, in_features: int) -> torch.Tensor:
     """Dense float32 (out, in) weight of one GPTQ module (exact: a float16 scale times a small integer)."""
     out = scales.shape[1]
+    if qweight.shape[0] != -(-in_features * bits // 32) or qzeros.shape[1] != -(-out * bits // 32):
+        raise ValueError(f"qweight {tuple(qweight.shape)} / qzeros {tuple(qzeros.shape)} do not hold {bits}-bit "
+                         f"codes of {in_features} inputs x {out} outputs")
     q = unpack_codes(qweight, bits, in_features, 0)  # [in, out]
     z = _v1_zeros(qzeros, bits, out) if v1 else unpack_codes(qzeros, bits, out, 1)  # [groups, out]
     g = g_idx.to(torch.int64)
@@ -151,6 +155,9 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int, v1: bool, in_feat
 def dequantize_awq(qweight, qzeros, scales, bits: int = 4) -> torch.Tensor:
     """Dense float32 (out, in) weight of one AWQ GEMM module."""
     groups, out = scales.shape
+    if out % 8 or qweight.shape[1] * 8 != out or qzeros.shape != (groups, out // 8):
+        raise ValueError(f"qweight {tuple(qweight.shape)} / qzeros {tuple(qzeros.shape)} do not hold 4-bit "
+                         f"codes of {out} outputs in {groups} groups")
     inv = torch.tensor(AWQ_ORDER).argsort()  # logical column c of a block sits in slot inv[c]
     perm = (torch.arange(out) // 8) * 8 + inv[torch.arange(out) % 8]
     q = unpack_codes(qweight, bits, out, 1)[:, perm]  # [in, out]

@@ -217,6 +217,7 @@ def _variant(tmp_path, src, **changes):
     ("gptq-4bit-g32", {"dynamic": {".*down_proj": {"format": "marlin"}}},
      "quantization_config.dynamic '.*down_proj' overrides format; per-module layouts are not unpacked"),
     ("gptq-4bit-g32", {"rotation": "hadamard"}, "quantization_config.rotation is set (hadamard)"),
+    ("gptq-4bit-g32", {"is_marlin_format": True}, "quantization_config.is_marlin_format is set (True)"),
     ("awq-gemm-4bit-g32", {"version": "gemv", "format": "gemv"}, "AWQ version/format 'gemv' is not unpacked"),
     ("awq-gemm-4bit-g32", {"bits": 8}, "AWQ bits=8 is not unpacked; only 4-bit GEMM is"),
 ])
@@ -241,4 +242,11 @@ def test_module_that_does_not_fit_the_architecture_is_named(tmp_path):
     sd["model.layers.1.mlp.up_proj.scales"] = sd["model.layers.1.mlp.up_proj.scales"][:, :32].contiguous()
     save_file(sd, str(ck / "model.safetensors"))
     with pytest.raises(QdmError, match="model.layers.1.mlp.up_proj.scales is \\(1, 32\\), the dense"):
+        load_packed(str(ck), torch.float32)
+
+
+def test_codes_of_another_width_are_refused(tmp_path):
+    """A module read with the wrong bits (here: 4-bit words declared 2-bit) is refused, not unpacked as noise."""
+    ck = _variant(tmp_path, "gptq-4bit-g32", bits=2)
+    with pytest.raises(QdmError, match=r"model.layers.0.mlp.down_proj cannot be unpacked as 2-bit GPTQ: qweight \(8, 32\)"):
         load_packed(str(ck), torch.float32)
