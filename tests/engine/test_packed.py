@@ -64,7 +64,8 @@ def test_dense_weights_equal_gptqmodel_dequantize(name):
     assert linears <= set(weights) | set(plain)  # every Linear either unpacked or stored dense
     with torch.no_grad():
         got = lm(input_ids=ref["input_ids"]).logits
-        base = AutoModelForCausalLM.from_pretrained(str(DATA / BASE.get(name, "base")))(input_ids=ref["input_ids"]).logits
+        base_lm = AutoModelForCausalLM.from_pretrained(str(DATA / BASE.get(name, "base")))
+        base = base_lm(input_ids=ref["input_ids"]).logits
     err = (got - ref["logits"]).abs().max().item()
     assert err < LOGIT_ATOL, err
     assert (base - ref["logits"]).abs().max().item() > LOGIT_ATOL  # the check tells a quantized model from its base
@@ -248,5 +249,6 @@ def test_module_that_does_not_fit_the_architecture_is_named(tmp_path):
 def test_codes_of_another_width_are_refused(tmp_path):
     """A module read with the wrong bits (here: 4-bit words declared 2-bit) is refused, not unpacked as noise."""
     ck = _variant(tmp_path, "gptq-4bit-g32", bits=2)
-    with pytest.raises(QdmError, match=r"model.layers.0.mlp.down_proj cannot be unpacked as 2-bit GPTQ: qweight \(8, 32\)"):
+    message = r"model.layers.0.mlp.down_proj cannot be unpacked as 2-bit GPTQ: qweight \(8, 32\)"
+    with pytest.raises(QdmError, match=message):
         load_packed(str(ck), torch.float32)
