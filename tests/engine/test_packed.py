@@ -252,3 +252,16 @@ def test_codes_of_another_width_are_refused(tmp_path):
     message = r"model.layers.0.mlp.down_proj cannot be unpacked as 2-bit GPTQ: qweight \(8, 32\)"
     with pytest.raises(QdmError, match=message):
         load_packed(str(ck), torch.float32)
+
+
+def test_folder_missing_a_weight_is_refused(tmp_path):
+    """transformers would initialise a weight the files lack at random; the loader refuses instead."""
+    from safetensors.torch import save_file
+
+    ck = _variant(tmp_path, "gptq-4bit-g32")
+    sd = load_file(str(ck / "model.safetensors"))
+    del sd["model.norm.weight"]
+    save_file(sd, str(ck / "model.safetensors"))
+    with pytest.raises(QdmError, match=re.escape("1 weights of the architecture are not in the files (first: "
+                                                 "model.norm.weight)")):
+        load_packed(str(ck), torch.float32)
