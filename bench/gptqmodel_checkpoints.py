@@ -5,8 +5,8 @@ Runs in the throwaway gptqmodel venv of tests/data/packed/PROVENANCE.md (gptqmod
     GPTQMODEL_CPU_WORKERS=2 /tmp/venv-gptq/bin/python bench/gptqmodel_checkpoints.py BASE OUT [--samples 64]
 
 BASE is a transformers folder (e.g. the default model's cache folder, ~/.cache/qdm-engine/SmolLM2-...).
-Writes OUT/gptq-w4g128-act (GPTQ 4-bit, group 128, desc_act, sym) and OUT/awq-w4g128 (AWQ GEMM 4-bit,
-group 128, zero point), each as gptqmodel's model.save() writes it, and OUT/reference-<name>.safetensors:
+Writes OUT/gptq-w4g128-act (GPTQ 4-bit, group 128, desc_act, sym; SmolLM2's 576 inputs make a last group
+of 64) and OUT/awq-w4g64 (AWQ GEMM 4-bit, group 64, zero point: gptqmodel's AWQ needs whole groups), each as gptqmodel's model.save() writes it, and OUT/reference-<name>.safetensors:
 gptqmodel's own dequantized weight of every quantized module (float16, (out, in)) from the folder loaded
 back on its torch kernels. Calibration: --samples paragraphs of 200+ characters from the END of
 wikitext-2 test (the audit reads it from the start).
@@ -41,7 +41,7 @@ def main():
     calib = paras[-a.samples:]
     tok = AutoTokenizer.from_pretrained(str(base))
     variants = {"gptq-w4g128-act": GPTQConfig(bits=4, group_size=128, desc_act=True, sym=True),
-                "awq-w4g128": AWQConfig(bits=4, group_size=128, sym=False, format="gemm")}
+                "awq-w4g64": AWQConfig(bits=4, group_size=64, sym=False, format="gemm")}
     for name, qcfg in variants.items():
         if a.only and not name.startswith(a.only):
             continue

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from qdm_engine.engine.packed import load_packed
+from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the clock starts, as in a sweep)
 
 
 def main(out: str):

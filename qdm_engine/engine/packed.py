@@ -117,17 +117,26 @@ def _module_layout(spec: dict, name: str) -> tuple[int, int] | None:
 
 
 def unpack_codes(words: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
-    """int64 codes 0..2^bits-1 of int32 `words` read as a little-endian stream of `bits`-bit codes along
-    `dim` (code c occupies stream bits c*bits .. c*bits+bits-1, word w its bits 32w .. 32w+31)."""
-    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
-    n = w.shape[-1]
+    """int32 codes 0..2^bits-1 of int32 `words` (2-D) read as a little-endian stream of `bits`-bit codes
+    along `dim` (code c occupies stream bits c*bits .. c*bits+bits-1, word w its bits 32w .. 32w+31)."""
+    n = words.shape[dim]
     if count * bits > 32 * n:
         raise ValueError(f"{n} words hold fewer than {count} {bits}-bit codes")
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # whole codes per word: shift each word by 0, bits, 2*bits ... (the sign bits are masked)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+        w = words.to(torch.int32)
+        if dim == 0:
+            codes = (w.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask
+            return codes.reshape(-1, w.shape[1])[:count]
+        codes = (w.unsqueeze(2) >> shifts.view(1, 1, -1)) & mask
+        return codes.reshape(w.shape[0], -1)[:, :count]
+    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     start = torch.arange(count, dtype=torch.int64) * bits
     lo, shift = start // 32, start % 32
     hi = (lo + 1).clamp(max=n - 1)
     pair = w[..., lo] | (w[..., hi] << 32)  # the code's word and the next (a 3-bit code may straddle them)
-    return ((pair >> shift) & ((1 << bits) - 1)).movedim(-1, dim)
+    return ((pair >> shift) & mask).to(torch.int32).movedim(-1, dim)
 
 
 def _v1_zeros(qzeros: torch.Tensor, bits: int, out: int) -> torch.Tensor:
@@ -136,7 +145,8 @@ def _v1_zeros(qzeros: torch.Tensor, bits: int, out: int) -> torch.Tensor:
     if bits == 3:
         return (unpack_codes(qzeros, bits, out, 1) + 1) & 7
     ones = sum(1 << (bits * k) for k in range(32 // bits))
-    return unpack_codes((qzeros.to(torch.int64) + ones) & 0xFFFFFFFF, bits, out, 1)
+    words = ((qzeros.to(torch.int64) + ones) & 0xFFFFFFFF).to(torch.int32)  # modulo 2^32, back to int32 bits
+    return unpack_codes(words, bits, out, 1)
 
 
 def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int, v1: bool, in_features: int) -> torch.Tensor:

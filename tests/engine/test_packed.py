@@ -98,8 +98,9 @@ def test_unpack_codes_inverts_independent_packer(bits):
     rng = np.random.default_rng(bits)
     codes = rng.integers(0, 2 ** bits, size=(5, 64))
     words = torch.from_numpy(_pack_stream(codes, bits))
-    assert torch.equal(unpack_codes(words, bits, 64, 1), torch.from_numpy(codes))
-    assert torch.equal(unpack_codes(words.T.contiguous(), bits, 64, 0), torch.from_numpy(codes).T)
+    assert torch.equal(unpack_codes(words, bits, 64, 1), torch.from_numpy(codes).int())
+    assert torch.equal(unpack_codes(words.T.contiguous(), bits, 64, 0), torch.from_numpy(codes).int().T)
+    assert torch.equal(unpack_codes(words, bits, 61, 1), torch.from_numpy(codes[:, :61]).int())  # a ragged tail
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
