@@ -1,8 +1,8 @@
 """Our GPTQ/AWQ unpacker on real folders vs gptqmodel's own dequantization (bench/gptqmodel_checkpoints.py).
 
-    PYTHONPATH=. python bench/packed_check.py OUT            # OUT as given to gptqmodel_checkpoints.py
+    PYTHONPATH=. python bench/packed_check.py OUT NAME       # OUT as given to gptqmodel_checkpoints.py
 
-For each OUT/<name> with OUT/reference-<name>.safetensors: load time and peak RSS of `load_packed` (float32),
+For OUT/NAME with OUT/reference-NAME.safetensors (one folder per process, so the peak RSS is its own): load time and peak RSS of `load_packed` (float32),
 how many quantized weights equal gptqmodel's float16 dequantization bit for bit once ours (exact in float32)
 is rounded to float16, and the largest float32 difference. Appends rows to bench/results/packed_check.csv.
 """
@@ -21,11 +21,10 @@ from qdm_engine.engine.packed import load_packed
 from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the clock starts, as in a sweep)
 
 
-def main(out: str):
+def main(out: str, names: list[str]):
     rows = []
-    for ref_file in sorted(Path(out).glob("reference-*.safetensors")):
-        name = ref_file.stem.removeprefix("reference-")
-        ref = load_file(str(ref_file))
+    for name in names:
+        ref = load_file(str(Path(out) / f"reference-{name}.safetensors"))
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         lm = load_packed(str(Path(out) / name), torch.float32)
@@ -50,4 +49,4 @@ def main(out: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])
