@@ -11,14 +11,16 @@ base and checkpoint are never both held at full size. Formats:
 - a GGUF file (`model.gguf`, or a folder with one `.gguf` file): dequantized by transformers' GGUF loader;
 - a compressed-tensors folder (llm-compressor's output: W4A16, W8A8, FP8, NVFP4, 2:4 ...): loaded with
   `CompressedTensorsConfig(dequantize=True)`, which gives the weights its kernels compute with;
+- a GPTQ folder (v1 `gptq` or `gptq_v2`, 2/3/4/8 bits, act-order) or an AWQ GEMM 4-bit folder: unpacked by
+  our own reader of the packed layout (`packed.py`, checked against gptqmodel's own dequantization), so
+  gptqmodel is not needed; other packed layouts (Marlin, GEMV, planar) are refused;
 - a bitsandbytes folder (NF4 / FP4 / LLM.int8, `save_pretrained` of a quantized-on-load model): loaded by
   transformers and dequantized at once, before any forward (see `load_dense`);
-- a plain transformers folder (a fine-tuned or distilled variant);
-any of these as a hub id, 'owner/name' (a folder) or 'owner/name:FILE.gguf', fetched into the Hugging Face
-cache (`resolve_source`).
 - a torchao folder (`save_pretrained` of a `TorchAoConfig` model: int8 / intx / float8 weight-only ...):
   each quantized weight replaced by its own `dequantize()`;
-GPTQ / AWQ folders need gptqmodel: not wired yet, and refused with a message rather than loaded wrongly.
+- a plain transformers folder (a fine-tuned or distilled variant).
+Any of these may be a hub id, 'owner/name' (a folder) or 'owner/name:FILE.gguf', fetched into the Hugging
+Face cache (`resolve_source`).
 """
 
 from __future__ import annotations
@@ -112,10 +114,13 @@ def detect_format(path: str) -> tuple[str, str | None, dict | None]:
         if importlib.util.find_spec(method) is None:
             raise QdmError(f"--compressed {path} is a {method} checkpoint; pip install {method} to load it")
         return method, None, q
-    hints = {"gptq": "pip install gptqmodel (GPTQ folders are not wired into qdm-engine yet)",
-             "awq": "pip install gptqmodel (AWQ folders are not wired into qdm-engine yet)"}
-    raise QdmError(f"--compressed {path}: quantization format '{method}' cannot be loaded here; "
-                   + hints.get(method, "supported: GGUF files, compressed-tensors, bitsandbytes and torchao folders, plain transformers folders"))
+    if method in ("gptq", "awq"):
+        from qdm_engine.engine.packed import packed_spec
+
+        packed_spec(path, q)  # refuses layouts the unpacker does not read, before any compute
+        return method, None, q
+    raise QdmError(f"--compressed {path}: quantization format '{method}' cannot be loaded here; supported: GGUF "
+                   "files, compressed-tensors, GPTQ, AWQ-GEMM, bitsandbytes and torchao folders, plain transformers folders")
 
 
 def weight_hashes(path: str, gguf_file: str | None) -> dict[str, str]:
@@ -159,6 +164,10 @@ def load_dense(path: str, fmt: str, gguf_file: str | None, dtype: torch.dtype, t
                 cfg.quantization_config = None  # the dense architecture the checkpoint dequantizes to
                 with torch.device("meta"):
                     lm = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+            elif fmt in ("gptq", "awq"):
+                from qdm_engine.engine.packed import load_packed
+
+                lm = load_packed(src, dtype, trust_remote_code)
             else:
                 lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **mkw)
                 if fmt == "bitsandbytes":

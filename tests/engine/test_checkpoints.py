@@ -53,8 +53,9 @@ def test_parse_and_detect(tiny_llama, tmp_path):
     gptq = tmp_path / "gptq"
     gptq.mkdir()
     (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
-    with pytest.raises(QdmError, match="quantization format 'gptq' cannot be loaded here; pip install gptqmodel"):
-        detect_format(str(gptq))
+    assert detect_format(str(gptq)) == ("gptq", None, {"quant_method": "gptq", "bits": 4})  # tests/engine/test_packed.py
+    (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "torchao"}}))
+    assert detect_format(str(gptq))[0] == "torchao"
 
 
 def test_identical_checkpoint_audits_at_r_1(tiny_llama, tiny_sae, text_file, tmp_path):
