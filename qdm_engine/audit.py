@@ -303,7 +303,7 @@ def sweep(
         conditions.append(match_method(lm, spec, target, calib, calib_ids, batch_size, device, log=log))
 
     runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches,
-                          topk=topk, units=boot_units)
+                          topk=topk, units=boot_units, release_base=True)  # lm is not used afterwards
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
     extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, boot_units > 0)
     config = {

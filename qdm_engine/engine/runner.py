@@ -16,6 +16,7 @@ moments of a condition are reduced per bootstrap unit (a run of consecutive bloc
 
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -211,6 +212,7 @@ def run_conditions(
     overlap: bool = True,
     topk: int = DEFAULT_K,
     units: int = 64,
+    release_base: bool = False,
 ) -> list[ConditionRun]:
     """Run FP then every condition over the same blocks; one ConditionRun per row, FP first.
 
@@ -223,6 +225,10 @@ def run_conditions(
     The FP pass also keeps each feature's `topk` largest activations (0: off) and every condition its
     activations at those positions; each condition's moments are kept per run of about n_blocks / `units`
     consecutive blocks, for the block bootstrap (analysis.uncertainty). Both only in one process.
+    Conditions that replace the weights wholesale (downloaded checkpoints) run after the others; with
+    `release_base` the host snapshot of the FP weights is dropped before the first of them (the FP read-outs
+    are cached by then), so the base and a checkpoint are never both held, and the model is left holding the
+    last checkpoint's weights. The runs come back in the order of `conditions` either way.
     """
     if keep_batches and shard.world > 1:
         raise ValueError("keep_batches needs a single process")
@@ -326,8 +332,16 @@ def run_conditions(
                 entries.append(e.drop(columns="row"))
         runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0, topk=entries))
 
-        saved = FPWeights(model) if any(not isinstance(c, FP) for c in conditions) else None
-        for cond in conditions:
+        replaces = [bool(getattr(c, "replaces_weights", False)) for c in conditions]
+        order = [i for i, r in enumerate(replaces) if not r] + [i for i, r in enumerate(replaces) if r]
+        in_process = any(not isinstance(c, FP) and not r for c, r in zip(conditions, replaces))
+        saved = FPWeights(model) if in_process or (any(replaces) and not release_base) else None
+        done: dict[int, ConditionRun] = {}
+        for at in order:
+            cond = conditions[at]
+            if replaces[at] and release_base and saved is not None:
+                saved = None  # only checkpoints from here on: the FP weights are not needed again
+                gc.collect()
             bar.set_description(cond.name)
             t0, nll, n = time.perf_counter(), no_nll.clone(), 0
             with side.enter():
@@ -361,9 +375,10 @@ def run_conditions(
                     saved.restore()
             nll, n = shard.sum(float(nll), n)
             accs = [shard.merge(FeatureMoments.combine(p)) for p in packed]
-            runs.append(ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0, accs,
+            done[at] = (ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0, accs,
                                      kept if keep_batches else [], t_apply,
                                      unit_moments=[p.cpu() for p in packed] if single else [],
                                      topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk]))
+        runs += [done[at] for at in range(len(conditions))]
     bar.close()
     return runs
