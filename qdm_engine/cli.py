@@ -92,9 +92,9 @@ def _add_sweep(sub) -> None:
                         "`qdm-engine methods` lists every method and its keys)")
     g.add_argument("--compressed", action="append", default=[], metavar="[NAME=]PATH",
                    help="also audit a downloaded checkpoint of the base model against it: a .gguf file, a "
-                        "compressed-tensors folder (llm-compressor output), a GPTQ or AWQ-GEMM folder, a bitsandbytes "
-                        "(NF4/FP4/INT8) or torchao folder, or a transformers folder; a path or a hub id, owner/name or "
-                        "owner/name:FILE.gguf (repeatable; named after its file or folder unless NAME= is given)")
+                        "compressed-tensors folder (llm-compressor output), a GPTQ, AWQ-GEMM, bitsandbytes "
+                        "(NF4/FP4/INT8) or torchao folder, or a transformers folder; a path or a hub id, owner/name "
+                        "or owner/name:FILE.gguf (repeatable; named after its file or folder unless NAME= is given)")
     g.add_argument("--scope", choices=["blocks", "all"], default="blocks",
                    help="what is compressed: blocks (the decoder-layer linears) or all (also the embeddings and "
                         "the output head, as deployed GGUF files do)")

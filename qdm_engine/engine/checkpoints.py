@@ -18,9 +18,9 @@ base and checkpoint are never both held at full size. Formats:
   transformers and dequantized at once, before any forward (see `load_dense`);
 - a torchao folder (`save_pretrained` of a `TorchAoConfig` model: int8 / intx / float8 weight-only ...):
   each quantized weight replaced by its own `dequantize()`;
-- a plain transformers folder (a fine-tuned or distilled variant).
-Any of these may be a hub id, 'owner/name' (a folder) or 'owner/name:FILE.gguf', fetched into the Hugging
-Face cache (`resolve_source`).
+- a plain transformers folder (a fine-tuned or distilled variant);
+any of these as a hub id, 'owner/name' (a folder) or 'owner/name:FILE.gguf', fetched into the Hugging Face
+cache (`resolve_source`).
 """
 
 from __future__ import annotations
@@ -110,17 +110,18 @@ def detect_format(path: str) -> tuple[str, str | None, dict | None]:
     method = str(q.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         return "compressed-tensors", None, q
-    if method in ("bitsandbytes", "torchao"):
-        if importlib.util.find_spec(method) is None:
-            raise QdmError(f"--compressed {path} is a {method} checkpoint; pip install {method} to load it")
-        return method, None, q
     if method in ("gptq", "awq"):
         from qdm_engine.engine.packed import packed_spec
 
         packed_spec(path, q)  # refuses layouts the unpacker does not read, before any compute
         return method, None, q
+    if method in ("bitsandbytes", "torchao"):
+        if importlib.util.find_spec(method) is None:
+            raise QdmError(f"--compressed {path} is a {method} checkpoint; pip install {method} to load it")
+        return method, None, q
     raise QdmError(f"--compressed {path}: quantization format '{method}' cannot be loaded here; supported: GGUF "
-                   "files, compressed-tensors, GPTQ, AWQ-GEMM, bitsandbytes and torchao folders, plain transformers folders")
+                   "files, compressed-tensors, GPTQ, AWQ-GEMM, bitsandbytes and torchao folders, plain transformers "
+                   "folders")
 
 
 def weight_hashes(path: str, gguf_file: str | None) -> dict[str, str]:

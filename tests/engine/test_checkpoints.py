@@ -54,8 +54,10 @@ def test_parse_and_detect(tiny_llama, tmp_path):
     gptq.mkdir()
     (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", "bits": 4}}))
     assert detect_format(str(gptq)) == ("gptq", None, {"quant_method": "gptq", "bits": 4})  # tests/engine/test_packed.py
-    (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "torchao"}}))
-    assert detect_format(str(gptq))[0] == "torchao"
+    (gptq / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "hqq"}}))
+    with pytest.raises(QdmError, match="quantization format 'hqq' cannot be loaded here; supported: GGUF files, "
+                                       "compressed-tensors, GPTQ, AWQ-GEMM"):
+        detect_format(str(gptq))
 
 
 def test_identical_checkpoint_audits_at_r_1(tiny_llama, tiny_sae, text_file, tmp_path):
