@@ -148,7 +148,8 @@ def format_intervals(summary: pd.DataFrame) -> str:
     if not lines:
         return ""
     units = int(summary["boot_units"].dropna().iloc[0])
-    return f"95% intervals (block bootstrap over {units} runs of blocks):\n" + "\n".join(lines)
+    return (f"95% intervals of each share at unlimited tokens (block bootstrap over {units} runs of blocks, "
+            "bias-corrected: the share measured at this budget can lie outside its interval):\n" + "\n".join(lines))
 
 
 def add_intervals(summary: pd.DataFrame, features: dict[str, pd.DataFrame], unit_moments: dict[str, np.ndarray],

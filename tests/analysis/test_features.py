@@ -138,7 +138,7 @@ def test_sweep_writes_topk_tokens_and_a_report_with_contexts(tiny_llama, tiny_sa
                  "--tokens", "512", "--block-len", "32", "--batch-size", "4", "--quiet", "--out", str(out),
                  "--bits", "4", "--null", "--report"]) == 0
     printed = capsys.readouterr().out
-    assert "95% intervals (block bootstrap over 16 runs of blocks)" in printed
+    assert "95% intervals of each share at unlimited tokens (block bootstrap over 16 runs of blocks, bias-corrected" in printed
     topk = pd.read_parquet(out / "topk.parquet")
     assert list(topk.columns) == ["sae", "feature", "rank", "block", "pos", "fp_act", "fp-null", "int4"]
     assert (topk["pos"] >= 1).all() and topk["pos"].max() < 32 and topk["block"].max() < 16
