@@ -72,12 +72,15 @@ class ReconSums:
         self.sums, self.sum_x, self.fired = packed[:k], packed[k:k + self.sae.d_in], fired > 0
 
     def metrics(self) -> dict[str, float]:
-        s = dict(zip(_SUMS, self.sums.cpu().tolist()))
+        """The RECON_METRICS from the sums: one copy to the host per pass (nothing read per batch)."""
+        k, d = len(_SUMS), self.sae.d_in
+        host = torch.cat([self.sums, self.sum_x, self.fired.to(torch.float64)]).cpu().numpy()
+        s = dict(zip(_SUMS, host[:k].tolist()))
         n = s["n"]
         if not n:
             return {m: float("nan") for m in RECON_METRICS}
         mse = s["err2"] / n
-        mean_x = self.sum_x.cpu() / n
+        mean_x = host[k:k + d] / n
         var = s["x2"] / n - float((mean_x * mean_x).sum())
         if var < 1e-10:  # SAELens's rule for a constant input
             ev = 1.0 if mse < 1e-10 else 0.0
@@ -89,7 +92,7 @@ class ReconSums:
             "cossim": s["cos"] / n,
             "l0": s["l0"] / n,
             "l1": s["l1"] / n,
-            "frac_alive": float(self.fired.double().mean()),
+            "frac_alive": float(host[k + d:].mean()),
             "l2_ratio": s["l2_ratio"] / n,
             "relative_reconstruction_bias": (s["xh2"] / n) / (s["xdot"] / n) if s["xdot"] else math.nan,
         }

@@ -278,7 +278,7 @@ def run_conditions(
         if logits is None:
             return xs, no_nll, 0
         if splicer is not None:
-            splicer.add(ids, batch.mask, logits)
+            splicer.add(ids, batch.mask, logits, keep)
         return xs, nll_sum_tensor(logits, ids), ids.shape[0] * (ids.shape[1] - 1)
 
     def forward(batch: _Batch):

@@ -69,14 +69,14 @@ def token_ce_kl(clean: torch.Tensor, new: torch.Tensor | None, ids: torch.Tensor
     KL(clean || new) sum over the positions in `mask`), float64 0-d tensors; one block at a time in float32."""
     ce = torch.zeros((), dtype=torch.float64, device=clean.device)
     kl = torch.zeros((), dtype=torch.float64, device=clean.device)
+    weights = mask.to(clean.device, torch.float64)  # a product, not a boolean index: nothing read back
     for b in range(clean.shape[0]):
-        m = mask[b].to(clean.device)
         lc = F.log_softmax(clean[b].to(torch.float32), dim=-1)
         ln = lc if new is None else F.log_softmax(new[b].to(torch.float32), dim=-1)
         nll = -ln[:-1].gather(1, ids[b, 1:].to(clean.device)[:, None]).squeeze(1)
-        ce += nll[m[:-1]].sum().to(torch.float64)
+        ce += (nll.to(torch.float64) * weights[b, :-1]).sum()
         if new is not None:
-            kl += (lc.exp() * (lc - ln)).sum(-1)[m].sum().to(torch.float64)
+            kl += ((lc.exp() * (lc - ln)).sum(-1).to(torch.float64) * weights[b]).sum()
     return ce, kl
 
 
@@ -93,6 +93,7 @@ class Splicer:
 
     def start(self) -> None:
         # per SAE: CE sum spliced, CE sum ablated, KL sum spliced, KL sum ablated; then CE clean, n_ce, n_kl
+        # (on the logits' device from the first batch on: nothing is read back before metrics())
         self.sums = torch.zeros(4 * len(self.saes) + 3, dtype=torch.float64)
         self.begin()
 
@@ -100,37 +101,39 @@ class Splicer:
         self.pending = torch.zeros_like(self.sums)
 
     def commit(self) -> None:
-        self.sums += self.pending
+        self.sums = self.sums.to(self.pending.device) + self.pending
         self.begin()
 
     def _forward(self, ids: torch.Tensor, hook: str, fn) -> torch.Tensor:
         with replace_site(self.model, hook, fn):
             return self.model(input_ids=ids, use_cache=False).logits
 
-    def add(self, ids: torch.Tensor, mask: torch.Tensor, clean: torch.Tensor) -> None:
-        """The two extra forwards per SAE for one batch: ids [B, S], mask [B, S] (scored positions), clean
-        logits [B, S, V] of the model as it is now."""
-        mask_d = mask.to(ids.device)
+    def add(self, ids: torch.Tensor, mask: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """The two extra forwards per SAE for one batch: ids [B, S], mask [B, S] (scored positions, on the
+        host), clean logits [B, S, V] of the model as it is now; `rows`: the flat indices of the scored
+        positions on ids' device, when the caller has them already."""
+        if rows is None:
+            rows = mask.flatten().nonzero().squeeze(1).to(ids.device)
         parts = []
         ablated: dict[str, torch.Tensor] = {}
         for sae, hook in zip(self.saes, self.hooks):
             def spliced(v, sae=sae):
-                x = v[mask_d]
-                new = v.clone()
-                new[mask_d] = sae.reconstruct(x).to(v.dtype)
-                return new
+                flat = v.reshape(-1, v.shape[-1])
+                x_hat = sae.reconstruct(flat.index_select(0, rows)).to(v.dtype)
+                return flat.index_copy(0, rows, x_hat).view(v.shape)
 
             ce_s, kl_s = token_ce_kl(clean, self._forward(ids, hook, spliced), ids, mask)
             if hook not in ablated:  # one zero-ablated forward per site, shared by its SAEs
                 ablated[hook] = torch.stack(token_ce_kl(clean, self._forward(ids, hook, torch.zeros_like), ids, mask))
             parts += [ce_s, ablated[hook][0], kl_s, ablated[hook][1]]
         ce_clean, _ = token_ce_kl(clean, None, ids, mask)
-        parts += [ce_clean, mask[:, :-1].sum().to(torch.float64), mask.sum().to(torch.float64)]
-        self.pending += torch.stack([p.to("cpu", torch.float64) for p in parts])
+        counts = torch.tensor([mask[:, :-1].sum(), mask.sum()], dtype=torch.float64)  # host mask: no device read
+        parts += [ce_clean, *counts.to(ce_clean.device).unbind()]
+        self.pending = self.pending.to(ce_clean.device) + torch.stack(parts)
 
     def metrics(self, shard=None) -> list[dict[str, float]]:
         """Per SAE the SPLICE_METRICS (summed over ranks under torch.distributed)."""
-        sums = self.sums.tolist()
+        sums = self.sums.cpu().numpy().tolist()
         if shard is not None and shard.world > 1:
             sums = list(shard.sum(*sums))
         ce_clean, n_ce, n_kl = sums[-3:]
