@@ -208,6 +208,7 @@ def sweep(
     topk: int = 16,
     boot_units: int = 64,
     splice: bool = False,
+    recon: bool = True,
     log=print,
 ) -> SweepResult:
     """Audit FP vs each condition (RTN `bits`, pruning `prune`) on identical tokens through frozen SAEs.
@@ -219,7 +220,8 @@ def sweep(
     over ranks. Returns the summary and per-feature tables; with `out`, rank 0 also writes the run folder.
     `topk` (0: off) FP positions per feature are kept with every condition's activations there, and r gets
     block-bootstrap intervals over about `boot_units` runs of blocks (0: off). Every model also gets each
-    SAE's reconstruction metrics; `splice` adds the spliced-loss metrics (two more forwards per SAE).
+    SAE's reconstruction metrics (`recon=False`: not measured, for timing them); `splice` adds the
+    spliced-loss metrics (two more forwards per SAE).
     """
     from qdm_engine.engine.distributed import init_from_env
     from qdm_engine.engine.matched import match_method, match_pruning
@@ -312,7 +314,7 @@ def sweep(
         conditions.append(match_method(lm, spec, target, calib, calib_ids, batch_size, device, log=log))
 
     runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches,
-                          topk=topk, units=boot_units, splice=splice)
+                          topk=topk, units=boot_units, splice=splice, recon=recon)
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
     extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, boot_units > 0)
     config = {
