@@ -25,11 +25,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for overhead.csv and summary.csv")
     p.add_argument("--bits", default="8..4")
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--run-dir", type=Path, help="also keep the run folder of the metrics run (for prune-sae, report)")
     args = p.parse_args(argv)
     from qdm_engine.audit import sweep
 
     runs = {}
-    for label, kw in (("no_metrics", dict(recon=False)), ("metrics", {}), ("metrics_splice", dict(splice=True))):
+    for label, kw in (("no_metrics", dict(recon=False)), ("metrics", dict(out=args.run_dir)),
+                      ("metrics_splice", dict(splice=True))):
         t0 = time.perf_counter()
         res = sweep(bits=args.bits, tokens=args.tokens, progress=False, log=lambda _m: None, **kw)
         runs[label] = res.summary.set_index("condition")
@@ -42,6 +44,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "overhead.csv")
     runs["metrics_splice"].to_csv(args.out / "summary.csv")
+    from qdm_engine.audit import format_summary
+
+    print(format_summary(runs["metrics"].reset_index()))
     print(table.to_string(float_format=lambda v: f"{v:.2f}"))
     cols = ["bits", "ppl", "dppl_pct", "survived_pct", "explained_variance", "cossim", "mse", "l0", "frac_alive",
             "ce_loss_score", "kl_div_score"]

@@ -183,3 +183,26 @@ def test_fused_kernel_matches_reference(mode):
         assert torch.equal(got_fired, fired)
         torch.testing.assert_close(got[:, 4], ref[:, 4], rtol=0, atol=0)  # l0: counts, exact
         torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-5)
+
+
+def test_splice_without_logits_is_refused_before_the_model_loads(tiny_llama, tiny_sae, text_file, tmp_path, capsys):
+    from qdm_engine.cli import main
+
+    out = tmp_path / "run"
+    assert main(["sweep", "--model", str(tiny_llama), "--sae", str(tiny_sae), "--text", str(text_file), "--bits", "4",
+                 "--splice", "--no-ppl", "--quiet", "--out", str(out)]) == 2
+    assert "--splice needs the logits of every forward: drop --no-ppl" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sae_without_a_decoder_leaves_the_metrics_empty(tiny_llama, text_file):
+    """An SAE built without W_dec (as the synthetic benchmarks build theirs) still audits; no metrics."""
+    from qdm_engine.engine.sae import SAEWeights
+
+    model, tok, _ = load_model(str(tiny_llama), progress=False)
+    g = torch.Generator().manual_seed(0)
+    sae = SAEWeights(torch.randn(32, 64, generator=g) / 6, -0.1 * torch.rand(64, generator=g), torch.zeros(32),
+                     "standard", HOOK)
+    blocks = make_blocks(tok, read_text(text_file), 32, 32 * 4, True)
+    runs = run_conditions(model, [sae], [HOOK], blocks, [RTN(4)], 4, progress=False, topk=0)
+    assert runs[0].recon == [{}] and runs[1].recon == [{}] and runs[1].moments
