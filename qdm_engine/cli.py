@@ -450,7 +450,7 @@ def _add_prune_sae(sub) -> None:
                                    "compressed model, on the run's audit tokens.")
     p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
     p.add_argument("--condition", required=True, help="the compressed condition, e.g. int4")
-    p.add_argument("--ratios", type=_floats, default=[0.25, 0.5], help="fractions of each row to prune, in [0, 1)")
+    p.add_argument("--ratios", type=_floats, default="0.25,0.5", help="fractions of each row to prune, in [0, 1)")
     p.add_argument("--out", required=True, help="new or empty folder for the pruned SAEs and prune_sae.csv")
     p.add_argument("--calib-tokens", type=_positive_int, default=4096, help="calibration positions (held out)")
     p.add_argument("--splice", action="store_true", help="also the spliced CE loss and KL scores (two extra "
