@@ -32,9 +32,11 @@ from qdm_engine.engine.models import (
     check_model_source, decoder_layers, hf_progress_bars, load_model, model_identity, parse_dtype, parse_hook,
 )
 from qdm_engine.engine.perplexity import perplexity
+from qdm_engine.engine.recon import RECON_METRICS
 from qdm_engine.engine.runner import ConditionRun, auto_batch_size, run_conditions
 from qdm_engine.engine.sae import load_sae
 from qdm_engine.engine.sites import site_width
+from qdm_engine.engine.splice import SPLICE_METRICS
 from qdm_engine.engine.tokens import make_blocks, read_text
 from qdm_engine.errors import QdmError
 from qdm_engine.kernels.moments import FeatureMoments
@@ -44,6 +46,9 @@ SUMMARY_COLUMNS = [
     "survived_pct", "degraded_pct", "damaged_pct", "n_active", "undefined_n", "n_tokens", "seconds",
     "compress_seconds",
 ]
+# The FP SAE's reconstruction metrics on each model's read-outs, and (sweep --splice) its spliced-loss
+# metrics; SAELens's run_evals definitions (engine/recon.py, engine/splice.py).
+SUMMARY_COLUMNS += list(RECON_METRICS) + list(SPLICE_METRICS)
 
 
 @dataclass
@@ -202,6 +207,8 @@ def sweep(
     keep_batches: bool = False,
     topk: int = 16,
     boot_units: int = 64,
+    splice: bool = False,
+    recon: bool = True,
     log=print,
 ) -> SweepResult:
     """Audit FP vs each condition (RTN `bits`, pruning `prune`) on identical tokens through frozen SAEs.
@@ -212,7 +219,9 @@ def sweep(
     stops each forward at the deepest read-out (features only). Under torchrun the blocks are sharded
     over ranks. Returns the summary and per-feature tables; with `out`, rank 0 also writes the run folder.
     `topk` (0: off) FP positions per feature are kept with every condition's activations there, and r gets
-    block-bootstrap intervals over about `boot_units` runs of blocks (0: off).
+    block-bootstrap intervals over about `boot_units` runs of blocks (0: off). Every model also gets each
+    SAE's reconstruction metrics (`recon=False`: not measured, for timing them); `splice` adds the
+    spliced-loss metrics (two more forwards per SAE).
     """
     from qdm_engine.engine.distributed import init_from_env
     from qdm_engine.engine.matched import match_method, match_pruning
@@ -229,6 +238,8 @@ def sweep(
     matches = [(m, t, _match_target(t, conditions)) for m, t in map(parse_match, match)]
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise QdmError(f"--batch-size must be a positive number or auto, got {batch_size}")
+    if splice and not ppl:
+        raise QdmError("--splice needs the logits of every forward: drop --no-ppl")
     if (prune_matched or matches) and not ppl:
         raise QdmError(f"{'--prune-matched' if prune_matched else '--match'} needs perplexities: drop --no-ppl")
     shard, device = init_from_env(device)
@@ -303,7 +314,8 @@ def sweep(
         conditions.append(match_method(lm, spec, target, calib, calib_ids, batch_size, device, log=log))
 
     runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches,
-                          topk=topk, units=boot_units, release_base=True)  # lm is not used afterwards
+                          topk=topk, units=boot_units, splice=splice, recon=recon,
+                          release_base=True)  # lm is not used afterwards
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
     extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, boot_units > 0)
     config = {
@@ -336,6 +348,7 @@ def sweep(
         "conditions": [dict(name=c.name, spec=spec_of(c), **c.describe()) for c in conditions],
         "thresholds": thresholds.to_dict(),
         "perplexity": ppl,
+        "splice": splice,
         "batch_size": batch_size,
         "device": device,
         "processes": shard.world,
@@ -404,7 +417,7 @@ def _tables(runs: list[ConditionRun], tags: list[str], th: Thresholds, scored: i
         features.update({key(name): df for name, df in tables.items()})
         fp_active = int(next(iter(tables.values()))["active"].sum())  # FP statistics are the same in every table
         rows.append({"sae": tag, "condition": key("fp"), "method": "fp", "ppl": fp_ppl, "dppl_pct": 0.0 if ppl else None,
-                     "n_active": fp_active, "n_tokens": scored, "seconds": fp_run.seconds})
+                     "n_active": fp_active, "n_tokens": scored, "seconds": fp_run.seconds, **_sae_metrics(fp_run, i)})
         for r in cond_runs:
             c_ppl = perplexity(r.nll, r.n_targets) if ppl else float("nan")
             desc = r.condition.describe()
@@ -412,7 +425,7 @@ def _tables(runs: list[ConditionRun], tags: list[str], th: Thresholds, scored: i
                 "sae": tag, "condition": key(r.name), "method": desc["method"], "bits": desc.get("bits"),
                 "sparsity": desc.get("sparsity"), "ppl": c_ppl, "dppl_pct": 100.0 * (c_ppl / fp_ppl - 1.0),
                 **summarize(tables[r.name]), "n_tokens": int(r.moments[i].n), "seconds": r.seconds,
-                "compress_seconds": r.compress_seconds,
+                "compress_seconds": r.compress_seconds, **_sae_metrics(r, i),
             })
     summary = pd.DataFrame(rows).reindex(columns=SUMMARY_COLUMNS)
     for col in ("bits", "undefined_n"):  # whole numbers with gaps (the FP row): nullable ints, not floats
@@ -420,11 +433,22 @@ def _tables(runs: list[ConditionRun], tags: list[str], th: Thresholds, scored: i
     return summary, features
 
 
+def _sae_metrics(run: ConditionRun, i: int) -> dict:
+    """SAE i's reconstruction (and spliced-loss) metrics on the model of `run`."""
+    out = dict(run.recon[i]) if i < len(run.recon) else {}
+    out.update(run.splice[i] if i < len(run.splice) else {})
+    return out
+
+
 def format_summary(summary: pd.DataFrame) -> str:
     """The printed table: Table 1's columns, one line per condition."""
     w = max(14, 2 + int(summary["condition"].str.len().max()))
+    # The SAE's explained variance and (with --splice) CE loss score on each model: shown when measured.
+    extra = [(c, h) for c, h in (("explained_variance", "expl var"), ("ce_loss_score", "CE score"))
+             if c in summary.columns and summary[c].notna().any()]
     head = f"{'condition':<{w}}{'bits':>5}{'PPL':>10}{'dPPL %':>9}{'mean r':>8}{'med r':>8}" \
-           f"{'surv %':>8}{'degr %':>8}{'dam %':>8}{'active':>8}{'undef':>6}{'tokens':>9}"
+           f"{'surv %':>8}{'degr %':>8}{'dam %':>8}{'active':>8}{'undef':>6}{'tokens':>9}" \
+           + "".join(f"{h:>10}" for _c, h in extra)
     lines = [head, "-" * len(head)]
 
     def f(v, spec: str) -> str:
@@ -438,5 +462,6 @@ def format_summary(summary: pd.DataFrame) -> str:
             f"{f(row['mean_r'], '.3f'):>8}{f(row['median_r'], '.3f'):>8}{f(row['survived_pct'], '.2f'):>8}"
             f"{f(row['degraded_pct'], '.2f'):>8}{f(row['damaged_pct'], '.2f'):>8}{f(row['n_active'], 'd'):>8}"
             f"{f(row['undefined_n'], 'd'):>6}{f(row['n_tokens'], 'd'):>9}"
+            + "".join(f"{f(row[c], '.4f'):>10}" for c, _h in extra)
         )
     return "\n".join(lines)

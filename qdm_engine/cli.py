@@ -78,7 +78,9 @@ def _add_sweep(sub) -> None:
         description=(
             "Run the FP model and each compressed copy on identical tokens, encode the residual stream "
             "at the SAE's site, and report per condition: perplexity change, mean/median feature "
-            "correlation and the survived/degraded/damaged split. With no --model/--sae it audits the "
+            "correlation and the survived/degraded/damaged split, and for FP and every condition the "
+            "SAE's reconstruction metrics (explained variance, mse, cossim, L0, L1, alive features; "
+            "--splice adds the spliced CE loss and KL scores). With no --model/--sae it audits the "
             "embedded default model and SAE."
         ),
         formatter_class=_Help,
@@ -138,6 +140,10 @@ def _add_sweep(sub) -> None:
                    help="blocks per forward pass; auto: 8 on CPU, from free memory on CUDA (halved on out-of-memory)")
     g.add_argument("--no-ppl", dest="ppl", action="store_false",
                    help="features only: stop each forward at the deepest read-out layer (no perplexity)")
+    g.add_argument("--splice", action="store_true",
+                   help="also measure ce_loss_score and kl_div_score of the SAE's reconstruction spliced in at its "
+                        "site (SAELens's definitions); costs two extra forwards per SAE per model (FP and each "
+                        "condition): one spliced, one zero-ablated")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="model dtype (auto: float32 on CPU, bfloat16 on CUDA)")
@@ -164,6 +170,7 @@ def _run_sweep(args) -> int:
         batch_size=args.batch_size, bos=args.bos, device=args.device, dtype=args.dtype,
         thresholds=Thresholds(active=args.active_rate, survived=args.survived, damaged=args.damaged),
         null=args.null, out=out, progress=not args.quiet, trust_remote_code=args.trust_remote_code, log=log,
+        splice=args.splice,
     )
     if result.out is None:  # a non-zero rank under torchrun: rank 0 prints and writes
         return 0
@@ -431,6 +438,41 @@ def _run_features(args) -> int:
     return 0
 
 
+def _add_prune_sae(sub) -> None:
+    p = sub.add_parser("prune-sae", formatter_class=_Help,
+                       help="prune the FP SAE for a compressed condition (Wanda-style) and compare reconstruction",
+                       description="Rebuild a run's compressed model for one condition from its config.json, read "
+                                   "calibration activations at the SAE's site on held-out blocks (after the audit "
+                                   "blocks), prune the FP SAE's W_enc and W_dec with a Wanda-style score (|W| times "
+                                   "the norm of that matrix's input over the calibration positions; the lowest "
+                                   "ratio of each output row zeroed; docs/METHOD.md section 4c, after Gupte et al. "
+                                   "2025), write each pruned SAE in SAELens format under --out, and report the "
+                                   "reconstruction metrics of the unpruned and each pruned SAE on the FP and the "
+                                   "compressed model, on the run's audit tokens.")
+    p.add_argument("run", metavar="RUN_DIR", help="a sweep's results folder")
+    p.add_argument("--condition", required=True, help="the compressed condition, e.g. int4")
+    p.add_argument("--ratios", type=_floats, default="0.25,0.5", help="fractions of each row to prune, in [0, 1)")
+    p.add_argument("--out", required=True, help="new or empty folder for the pruned SAEs and prune_sae.csv")
+    p.add_argument("--calib-tokens", type=_positive_int, default=4096, help="calibration positions (held out)")
+    p.add_argument("--splice", action="store_true", help="also the spliced CE loss and KL scores (two extra "
+                                                         "forwards per SAE per model)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="blocks per forward")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_prune_sae)
+
+
+def _run_prune_sae(args) -> int:
+    from qdm_engine.prune_sae import format_prune, prune_sae
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    table = prune_sae(args.run, args.condition, args.ratios, args.out, args.calib_tokens, args.splice,
+                      args.batch_size, args.device, progress=not args.quiet, log=log)
+    print(format_prune(table))
+    print(f"\npruned SAEs and prune_sae.csv: {args.out}")
+    return 0
+
+
 def _add_methods(sub) -> None:
     p = sub.add_parser("methods", formatter_class=_Help,
                        help="list the compression methods that --method can name, with their keys and defaults",
@@ -488,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stability(sub)
     _add_train_sae(sub)
     _add_features(sub)
+    _add_prune_sae(sub)
     return parser
 
 

@@ -47,6 +47,7 @@ FIGURES = (
     "predictor_roc",
     "predictor_quartiles",
     "failure_types",
+    "reconstruction_by_bits",
 )
 
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies and in greyscale print.
@@ -800,6 +801,8 @@ SUMMARY_COLUMNS = [  # (column, header, format, explanation)
     ("n_active", "active", "d", "features firing on more than the active rate of FP positions"),
     ("undefined_n", "undefined", "d", "active features whose r is undefined (constant once compressed)"),
     ("n_tokens", "tokens", "d", "scored token positions"),
+    ("explained_variance", "expl. var.", ".4f", "variance of this model's read-outs the FP SAE's reconstruction explains"),
+    ("ce_loss_score", "CE score", ".4f", "spliced CE loss score of the FP SAE on this model (sweep --splice)"),
 ]
 
 
@@ -1038,6 +1041,7 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *, condition
         raise QdmError(f"condition '{condition}' is not in run '{run_dir}'; it has: {', '.join(names) or 'none'}")
 
     from qdm_engine.report_features import damaged_section, fig_failure_types
+    from qdm_engine.report_recon import fig_reconstruction_by_bits
 
     feats = _Features(run)
     sections, damaged = [], {}
@@ -1047,7 +1051,8 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, *, condition
         figures = [fig_taxonomy(group, th), fig_correlation_by_bits(group, th), fig_dissociation(group, th),
                    fig_rtn_vs_prune(group, th, feats, pair), fig_deciles(group, th, feats, pair, focus),
                    *fig_predictor(group, th, feats, focus, why),
-                   fig_failure_types(group, run, Figure, _new_figure, _style)]
+                   fig_failure_types(group, run, Figure, _new_figure, _style),
+                   fig_reconstruction_by_bits(group, Figure, _new_figure, _style)]
         sections.append((group, figures))
         damaged[group.tag] = damaged_section(run, group, focus)
 

@@ -70,7 +70,7 @@ def test_compile_report_sm90a(tmp_path):
         f"{r['kernel']} [{r['variant']}] {r['config']}: {r['error']}" for r in errors)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     kernels = {r["kernel"] for r in rows}
-    assert {"_encode_moments_kernel", "_fake_quant_rows_kernel", "_apply_mask_kernel"} <= kernels
+    assert {"_encode_moments_kernel", "_fake_quant_rows_kernel", "_apply_mask_kernel", "_reconstruct_kernel"} <= kernels
     assert not [r for r in rows if "exceeds" in r["warnings"]], "a config needs more shared memory than sm_90a has"
 
     encode = [r for r in rows if r["kernel"] == "_encode_moments_kernel"]
@@ -85,6 +85,13 @@ def test_compile_report_sm90a(tmp_path):
         f"{r['variant']} {r['config']}: {r['loop_spills']} LDL/STL" for r in in_loop)
     for r in encode:  # the GEMMs are on the tensor cores
         assert int(r["mma"]) > 0 and int(r["regs"]) > 0, r
+
+    # the fused encode + decode of the reconstruction metrics: every activation mode, no spills at all
+    recon = [r for r in rows if r["kernel"] == "_reconstruct_kernel"]
+    assert {"x=bf16,relu,tf32x3", "x=bf16,jumprelu,tf32x3", "x=bf16,topk,tf32x3",
+            "x=fp32,relu,tf32x3"} <= {r["variant"] for r in recon}
+    assert all(int(r["spill_stores"]) == 0 and int(r["loop_spills"]) == 0 and int(r["mma"]) > 0 for r in recon), \
+        [(r["variant"], r["config"], r["spill_stores"]) for r in recon]
 
 
 @pytest.mark.parametrize("argv,message", [(["--jobs", "0"], "--jobs must be at least 1"),

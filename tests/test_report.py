@@ -64,7 +64,7 @@ def synthetic_run(out: Path, conditions: dict, *, seed: int = 0, n: int = 700, n
         summary_rows.append({"sae": tag or "sae", "condition": key("fp"), "method": "fp",
                              "ppl": 50.0 if ppl else np.nan, "dppl_pct": 0.0 if ppl else np.nan,
                              "n_active": int(active.sum()), "n_tokens": 4096,
-                             "seconds": 1.0})
+                             "seconds": 1.0, "explained_variance": 0.88, "cossim": 0.94, "ce_loss_score": 0.95})
         for name, (method, bits, sparsity, scale, dppl) in conditions.items():
             r = np.clip(1.0 - scale * fragility * rng.uniform(0.7, 1.3, n), -1.0, 1.0)
             if name == harshest and undefined:
@@ -76,7 +76,9 @@ def synthetic_run(out: Path, conditions: dict, *, seed: int = 0, n: int = 700, n
             features[key(name)] = t
             summary_rows.append({"sae": tag or "sae", "condition": key(name), "method": method, "bits": bits,
                                  "sparsity": sparsity, "ppl": 50.0 * (1 + dppl / 100) if ppl else np.nan,
-                                 "dppl_pct": dppl if ppl else np.nan, **summarize(t), "n_tokens": 4096, "seconds": 1.0})
+                                 "dppl_pct": dppl if ppl else np.nan, **summarize(t), "n_tokens": 4096, "seconds": 1.0,
+                                 "explained_variance": 0.88 - 0.2 * scale, "cossim": 0.94 - 0.1 * scale,
+                                 "ce_loss_score": 0.95 - 0.3 * scale})
     summary = pd.DataFrame(summary_rows)
     summary["bits"] = summary["bits"].astype("Int64")
     config = {
@@ -188,7 +190,8 @@ def test_one_condition_run_notes_the_missing_figures(tmp_path):
     (tmp_path / "run" / "report").mkdir()
     (tmp_path / "run" / "report" / "rtn_vs_prune.png").write_bytes(b"stale")  # from an earlier report
     text = make_report(run).read_text(encoding="utf-8")
-    drawn = {"taxonomy", "dissociation", "deciles", "predictor_roc", "predictor_quartiles", "failure_types"}
+    drawn = {"taxonomy", "dissociation", "deciles", "predictor_roc", "predictor_quartiles", "failure_types",
+             "reconstruction_by_bits"}  # FP and one RTN width are enough for the reconstruction figure
     assert {p.stem for p in (run / "report").glob("*.png")} == drawn
     assert len(pngs_in(text)) == len(drawn)
     assert notes(text) == [
@@ -209,7 +212,8 @@ def test_run_without_rtn_or_mixed_outcomes(tmp_path):
     assert "prune-0.3 is shown" in text and focus_of(run) == "prune-0.3"
 
     text = make_report(run, condition="prune-0.1").read_text(encoding="utf-8")  # every feature survives
-    assert notes(text)[2:] == [
+    assert notes(text)[-1] == "Needs the reconstruction metrics (an SAE with a decoder) for FP and at least one RTN width."
+    assert notes(text)[2:-1] == [
         f"Skipped for prune-0.1: {n} survived and 0 non-survived of {n} active features: 5-fold CV needs at least "
         "5 of each; score more tokens or pick a condition with mixed outcomes." for n in (560, 560)]
     assert not (run / "report" / "predictor_roc.png").exists()
@@ -218,8 +222,9 @@ def test_run_without_rtn_or_mixed_outcomes(tmp_path):
 def test_run_with_no_active_features_draws_nothing_and_says_why(tmp_path):
     run = synthetic_run(tmp_path / "quiet", {k: FULL[k] for k in ("int6", "prune-0.175")}, n_active=0, undefined=0)
     text = make_report(run).read_text(encoding="utf-8")
-    assert list((run / "report").glob("*.png")) == [] and pngs_in(text) == []
-    assert len(notes(text)) == len(FIGURES)
+    # only the reconstruction figure, which needs no active feature
+    assert [p.stem for p in (run / "report").glob("*.png")] == ["reconstruction_by_bits"] and len(pngs_in(text)) == 1
+    assert len(notes(text)) == len(FIGURES) - 1
     assert notes(text)[0] == "No compressed condition has active features, so there is nothing to split."
     assert "no active features in the FP run" in notes(text)[3]
 

@@ -29,6 +29,7 @@ from qdm_engine.engine.compression import FP, FPWeights
 from qdm_engine.engine.distributed import Shard
 from qdm_engine.engine.models import StopForward, read_out, stop_after
 from qdm_engine.engine.perplexity import nll_sum_tensor
+from qdm_engine.engine.recon import ReconSums
 from qdm_engine.engine.sae import SAEWeights
 from qdm_engine.engine.tokens import TokenBlocks
 from qdm_engine.engine.topk import DEFAULT_K, Gather, TopK, positions
@@ -52,6 +53,10 @@ class ConditionRun:
     # FP run: per SAE, its top-k entries (feature, rank, block, pos, fp_act); a condition: per SAE, its
     # activations [k, F] (float32, host) at those entries' positions (slot [rank, feature])
     topk: list = field(default_factory=list)
+    # per SAE: its reconstruction metrics on this model's read-outs (engine.recon; {} for an SAE without a
+    # decoder), and with splice its spliced-loss metrics (engine.splice)
+    recon: list = field(default_factory=list)
+    splice: list = field(default_factory=list)
 
 
 def auto_batch_size(model: torch.nn.Module, block_len: int, device: str, free_bytes: int | None = None) -> int:
@@ -213,6 +218,8 @@ def run_conditions(
     topk: int = DEFAULT_K,
     units: int = 64,
     release_base: bool = False,
+    recon: bool = True,
+    splice: bool = False,
 ) -> list[ConditionRun]:
     """Run FP then every condition over the same blocks; one ConditionRun per row, FP first.
 
@@ -229,7 +236,11 @@ def run_conditions(
     `release_base` the host snapshot of the FP weights is dropped before the first of them (the FP read-outs
     are cached by then), so the base and a checkpoint are never both held, and the model is left holding the
     last checkpoint's weights. The runs come back in the order of `conditions` either way.
+    `recon`: every model's read-outs also give each SAE's reconstruction metrics (engine.recon); `splice`
+    (needs `ppl`) adds two forwards per SAE and batch for the spliced-loss metrics (engine.splice).
     """
+    if splice and not ppl:
+        raise ValueError("splice needs the logits: ppl=True")
     if keep_batches and shard.world > 1:
         raise ValueError("keep_batches needs a single process")
     sites = sorted(set(hooks))
@@ -247,6 +258,20 @@ def run_conditions(
 
     split = {"rows": None}  # after an out-of-memory error: the most blocks one forward may take
     no_nll = torch.zeros((), dtype=torch.float64, device=device)
+    splicer = None
+    if splice:
+        from qdm_engine.engine.splice import Splicer
+
+        splicer = Splicer(model, saes, hooks)
+
+    def new_recon() -> list:
+        return [ReconSums(s, device) if recon and s.has_decoder else None for s in saes]
+
+    def recon_metrics(accs: list) -> list[dict]:
+        for a in accs:
+            if a is not None:
+                a.merge_ranks(shard)
+        return [a.metrics() if a is not None else {} for a in accs]
 
     def forward_once(batch: _Batch):
         ids = batch.ids.to(device, non_blocking=True)
@@ -258,6 +283,8 @@ def run_conditions(
         xs = {h: ro[h].value.reshape(-1, ro[h].value.shape[-1]).index_select(0, keep) for h in sites}
         if logits is None:
             return xs, no_nll, 0
+        if splicer is not None:
+            splicer.add(ids, batch.mask, logits, keep)
         return xs, nll_sum_tensor(logits, ids), ids.shape[0] * (ids.shape[1] - 1)
 
     def forward(batch: _Batch):
@@ -271,6 +298,8 @@ def run_conditions(
         while True:
             rows = split["rows"] or n_rows
             failed = False
+            if splicer is not None:
+                splicer.begin()
             try:
                 if rows >= n_rows:
                     parts = [forward_once(batch)]
@@ -287,6 +316,8 @@ def run_conditions(
             split["rows"] = (rows + 1) // 2
             if on_cuda:
                 torch.cuda.empty_cache()
+        if splicer is not None:
+            splicer.commit()
         if len(parts) == 1:
             return parts[0]
         xs = {h: torch.cat([p[0][h] for p in parts]) for h in sites}
@@ -313,9 +344,13 @@ def run_conditions(
             stack.enter_context(stop_after(model, sites))
         bar.set_description("fp")
         t0, nll, n = time.perf_counter(), no_nll.clone(), 0
+        fp_recon = new_recon()
         for b, batch in enumerate(batches):
             xs, b_nll, b_n = forward(batch)
             cache.append({h: to_cache(x) for h, x in xs.items()})
+            for acc, hook in zip(fp_recon, hooks):
+                if acc is not None:
+                    acc.add(xs[hook])
             for tracker, sae, hook in zip(trackers, saes, hooks):
                 tracker.update_from(sae, xs[hook], row0[b])
             nll, n = nll + b_nll, n + b_n
@@ -330,7 +365,8 @@ def run_conditions(
                 e.insert(2, "block", block_of[e["row"].to_numpy()])
                 e.insert(3, "pos", pos_of[e["row"].to_numpy()])
                 entries.append(e.drop(columns="row"))
-        runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0, topk=entries))
+        runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0, topk=entries,
+                                 recon=recon_metrics(fp_recon), splice=splicer.metrics(shard) if splicer else []))
 
         replaces = [bool(getattr(c, "replaces_weights", False)) for c in conditions]
         order = [i for i, r in enumerate(replaces) if not r] + [i for i, r in enumerate(replaces) if r]
@@ -348,6 +384,9 @@ def run_conditions(
                 packed = [torch.zeros(n_units, 9, s.d_sae, dtype=torch.float64, device=device) for s in saes]
                 at_topk = [g.start(device) for g in gathers]
             kept: list[list[FeatureMoments]] = [[] for _ in saes]
+            c_recon = new_recon()
+            if splicer is not None:
+                splicer.start()
             t_apply = time.perf_counter()
             cond.apply(model)
             if on_cuda:
@@ -362,6 +401,8 @@ def run_conditions(
                             prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
                             fx, cx = prep(fp_xs[hook]), prep(xs[hook])
                             reduce_units(fx, cx, sae, cuts[b], packed[i])
+                            if c_recon[i] is not None:
+                                c_recon[i].add(xs[hook])
                             if keep_batches:
                                 first, last = cuts[b][0][2], cuts[b][-1][2]
                                 kept[i].append(FeatureMoments.combine(packed[i][first:last + 1]).to("cpu"))
@@ -378,7 +419,8 @@ def run_conditions(
             done[at] = (ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0, accs,
                                      kept if keep_batches else [], t_apply,
                                      unit_moments=[p.cpu() for p in packed] if single else [],
-                                     topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk]))
+                                     topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk],
+                                     recon=recon_metrics(c_recon), splice=splicer.metrics(shard) if splicer else []))
         runs += [done[at] for at in range(len(conditions))]
     bar.close()
     return runs

@@ -4,7 +4,8 @@
 `SAE.load_from_disk` when SAELens is installed, else through a small reader of the same disk format
 (`cfg.json` + `sae_weights.safetensors`), so the engine runs where SAELens is absent. Either way the
 result is reduced to one `SAEWeights`: W_enc, b_enc, the b_dec subtracted from the input, and the
-activation (ReLU, JumpReLU threshold, or TopK k). `import sae_lens` stays inside functions.
+activation (ReLU, JumpReLU threshold, or TopK k); and the decoder (W_dec, the b_dec added to its output),
+for the reconstruction metrics (engine/recon.py). `import sae_lens` stays inside functions.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class SAEWeights:
     k: int | None = None  # TopK
     normalize: str = "none"
     identity: dict = field(default_factory=dict)
+    # The decoder, x_hat = acts @ W_dec + b_dec_out (then the input normalisation undone): W_dec [d_sae, d_in]
+    # float32 (a TopK decoder-norm rescale folded in), b_dec_out [d_in]. None where an SAE was built without one.
+    W_dec: torch.Tensor | None = None
+    b_dec_out: torch.Tensor | None = None
 
     @property
     def d_in(self) -> int:
@@ -45,7 +50,41 @@ class SAEWeights:
     def to(self, device: str | torch.device) -> "SAEWeights":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SAEWeights(move(self.W_enc), move(self.b_enc), move(self.b_dec), self.architecture,
-                          self.hook_name, move(self.threshold), self.k, self.normalize, self.identity)
+                          self.hook_name, move(self.threshold), self.k, self.normalize, self.identity,
+                          move(self.W_dec), move(self.b_dec_out))
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.W_dec is not None and self.b_dec_out is not None
+
+    def norm_scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-token (scale, shift) [T] with normalise_input(x) = (x - shift) / scale, undone on the
+        reconstruction as SAELens's decode does (x_hat * scale + shift); None for 'none'."""
+        x = x.to(torch.float32)
+        if self.normalize == "constant_norm_rescale":  # SAELens: x_hat / (sqrt(d) / ||x||)
+            return x.norm(dim=-1) / (self.d_in ** 0.5), torch.zeros(x.shape[0], device=x.device)
+        if self.normalize == "layer_norm":  # SAELens: x_hat * std + mu (std of x - mu, without the eps)
+            mu = x.mean(dim=-1, keepdim=True)
+            return (x - mu).std(dim=-1), mu.squeeze(-1)
+        return None
+
+    def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction [T, d_in] (float32) of activations [T, d_sae]; `x` (the read-outs encoded) is
+        needed to undo a per-token input normalisation."""
+        if not self.has_decoder:
+            raise ValueError("this SAE carries no decoder (W_dec, b_dec)")
+        out = acts.to(torch.float32) @ self.W_dec + self.b_dec_out
+        ss = self.norm_scale_shift(x) if x is not None else None
+        if self.normalize != "none" and ss is None:
+            raise ValueError("decoding a normalised SAE needs the read-outs x")
+        return out if ss is None else out * ss[0][:, None] + ss[1][:, None]
+
+    def reconstruct(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """decode(encode(x)) [T, d_in] in float32, `chunk` tokens at a time (default: about 2^25
+        activations per chunk), so at most chunk x d_sae activations exist at once."""
+        chunk = int(chunk or max(1, (1 << 25) // self.d_sae))
+        return torch.cat([self.decode(self.encode(x[lo:lo + chunk]), x[lo:lo + chunk])
+                          for lo in range(0, x.shape[0], chunk)]) if x.shape[0] else x.new_zeros(0, self.d_in)
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         """SAELens's per-token input normalisation, in float32 (identity for 'none')."""
@@ -84,6 +123,10 @@ def weights_from_state(cfg: dict, state: dict[str, torch.Tensor], identity: dict
     if not cfg.get("apply_b_dec_to_input", True):
         b_dec = torch.zeros_like(b_dec)
     threshold, k = None, None
+    W_dec = f32(state["W_dec"]) if "W_dec" in state else None
+    b_out = f32(state["b_dec"])
+    if W_dec is not None and tuple(W_dec.shape) != (W_enc.shape[1], W_enc.shape[0]):
+        raise QdmError(f"the SAE's W_dec has shape {tuple(W_dec.shape)}, expected {(W_enc.shape[1], W_enc.shape[0])}")
     if arch == "jumprelu":
         if "threshold" in state:
             threshold = f32(state["threshold"])
@@ -99,7 +142,8 @@ def weights_from_state(cfg: dict, state: dict[str, torch.Tensor], identity: dict
             # pre * ||W_dec_i|| = x @ (W_enc * n) + b_enc * n: fold the rescale into the encoder.
             n = f32(state["W_dec"]).norm(dim=-1)
             W_enc, b_enc = W_enc * n, b_enc * n
-    return SAEWeights(W_enc, b_enc, b_dec, arch, hook, threshold, k, norm, dict(identity or {}))
+            W_dec = W_dec / n[:, None]  # SAELens's decode divides the activations by n again
+    return SAEWeights(W_enc, b_enc, b_dec, arch, hook, threshold, k, norm, dict(identity or {}), W_dec, b_out)
 
 
 def _read_disk_cfg(path: Path) -> dict:

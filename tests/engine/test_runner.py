@@ -15,7 +15,7 @@ def test_oom_retry_in_halves_gives_identical_results(tiny_llama, tiny_sae, text_
     sae = load_sae(tiny_sae)
     blocks = make_blocks(tok, read_text(text_file), 32, 32 * 12, True)
     args = (model, [sae], [sae.hook_name], blocks, [RTN(4)], 6)
-    clean = run_conditions(*args, progress=False)
+    clean = run_conditions(*args, progress=False, splice=True)
 
     real_forward, calls = model.forward, []
 
@@ -26,13 +26,18 @@ def test_oom_retry_in_halves_gives_identical_results(tiny_llama, tiny_sae, text_
         return real_forward(*a, **kw)
 
     monkeypatch.setattr(model, "forward", flaky_forward)
-    retried = run_conditions(*args, progress=False)
-    assert calls[:5] == [6, 3, 2, 2, 2] and max(calls[5:]) == 2  # halved twice, then stays split
+    retried = run_conditions(*args, progress=False, splice=True)
+    # halved twice (the spliced forwards of the split parts too), then stays split
+    assert calls[:2] == [6, 3] and max(calls[2:]) == 2, calls[:12]
     for a, b in zip(clean, retried):
         assert abs(a.nll - b.nll) < 1e-9 * abs(a.nll) and a.n_targets == b.n_targets
         for ma, mb in zip(a.moments, b.moments):
             torch.testing.assert_close(mb.pearson(), ma.pearson(), rtol=0, atol=1e-12, equal_nan=True)
             assert float(ma.n) == float(mb.n)
+        for key, value in a.recon[0].items():  # reconstruction and spliced sums: nothing counted twice
+            assert b.recon[0][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        for key, value in a.splice[0].items():
+            assert b.splice[0][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
 def test_auto_batch_size(tiny_llama):
@@ -89,10 +94,10 @@ def test_the_batch_loop_reads_nothing_back_to_the_host(tiny_llama, tiny_sae, tex
     blocks = make_blocks(tok, read_text(text_file), 32, 32 * 12, True)
     conds = [RTN(4), RTN(8)]
     counts = {}
-    for batch in (2, 6):  # 6 and 2 batches per pass
+    for batch, splice in ((2, False), (6, True)):  # 6 and 2 batches per pass; the spliced forwards too
         rec = _HostReads()
         with rec.mode:
-            run_conditions(model, [sae], [sae.hook_name], blocks, conds, batch, progress=False)
+            run_conditions(model, [sae], [sae.hook_name], blocks, conds, batch, progress=False, splice=splice)
         ours = {k: v for k, v in rec.seen.items() if k[1] == "qdm_engine"}
         reads = {k: v for k, v in ours.items() if k[0] != "aten.nonzero.default"}
         # one read of the NLL sum per pass (FP + each condition), in run_conditions itself
