@@ -15,7 +15,8 @@ set a flag; the loop finishes its batch, checkpoints and raises `Interrupted`. U
 ranks agree on stopping at checkpoint batches (the same batch index on every rank) and at pass ends.
 
 Test-only: QDM_TEST_KILL_AT='<pass>:<batches done>' or '<pass>:end' makes the process SIGKILL itself
-right after that point (after any checkpoint due there), to test recovery from kill -9.
+right after that point (after any checkpoint due there), to test recovery from kill -9; with a suffix
+'=INT' or '=TERM' it sends itself SIGINT or SIGTERM there instead, as a user or a scheduler would.
 """
 
 from __future__ import annotations
@@ -188,5 +189,7 @@ class RunState:
             raise Interrupted(self.run_dir, self.stop_signal)
 
     def _test_kill(self, point: str) -> None:
-        if self.kill_at is not None and self.kill_at == point:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kill_at is None or self.kill_at.split("=")[0] != point:
+            return
+        name = self.kill_at.partition("=")[2] or "KILL"
+        os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
