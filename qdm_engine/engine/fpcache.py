@@ -66,6 +66,7 @@ class FPCache:
 
                 folder = Path(tempfile.mkdtemp(prefix="qdm-fp-cache-"))
                 keep = False
+            self.made = not folder.exists() or not any(folder.iterdir())
             folder.mkdir(parents=True, exist_ok=True)
             self.files = [folder / f"fp-cache-rank{rank}-site{i}.bin" for i in range(len(self.sites))]
             self.keep, self.folder = keep, folder
@@ -134,7 +135,7 @@ class FPCache:
         if remove and self.where == "disk":
             for f in self.files:
                 f.unlink(missing_ok=True)
-            if not self.keep:
+            if not self.keep and self.made:  # a folder it made (or found empty) goes too
                 try:
                     self.folder.rmdir()
                 except OSError:
