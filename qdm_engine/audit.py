@@ -389,8 +389,10 @@ def sweep(
         "perplexity": ppl,
         "batch_size": batch_size,
         "fp_cache": cache,
+        "fp_cache_place": runs[0].fp_cache,  # gpu, host or disk (what auto chose)
         "checkpoint_every": checkpoint_every,
         "resumed": resume_from is not None,
+        "checkpoints": None if state is None else {"saves": state.saves, "seconds": round(state.save_seconds, 3)},
         "device": device,
         "processes": shard.world,
         "dtype": model_id["dtype"],

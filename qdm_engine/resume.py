@@ -184,6 +184,7 @@ def resume_sweep(run_dir, progress: bool = True, log=print):
     if not is_unfinished(run_dir):
         raise QdmError(f"'{run_dir}' is not an unfinished sweep (no {STATE_DIR}/sweep.json); pass the --out of an "
                        "interrupted sweep to --resume")
+    LAST_RUN["run_dir"] = run_dir  # a hard Ctrl-C while it loads still points at the resume command
     kwargs = json.loads((state_dir(run_dir) / "sweep.json").read_text())["kwargs"]
     kwargs["thresholds"] = Thresholds(**kwargs["thresholds"])
     return sweep(**kwargs, out=run_dir, progress=progress, log=log, resume_from=run_dir)

@@ -53,6 +53,7 @@ class ConditionRun:
     # FP run: per SAE, its top-k entries (feature, rank, block, pos, fp_act); a condition: per SAE, its
     # activations [k, F] (float32, host) at those entries' positions (slot [rank, feature])
     topk: list = field(default_factory=list)
+    fp_cache: str = ""  # FP run: where its read-outs were cached (engine.fpcache: gpu, host or disk)
 
 
 def auto_batch_size(model: torch.nn.Module, block_len: int, device: str, free_bytes: int | None = None) -> int:
@@ -354,7 +355,7 @@ def run_conditions(
                 e.insert(2, "block", block_of[e["row"].to_numpy()])
                 e.insert(3, "pos", pos_of[e["row"].to_numpy()])
                 entries.append(e.drop(columns="row"))
-        runs.append(ConditionRun("fp", FP(), nll, int(n), fp_seconds, topk=entries))
+        runs.append(ConditionRun("fp", FP(), nll, int(n), fp_seconds, topk=entries, fp_cache=fp_cache.where))
 
         saved = FPWeights(model) if any(not isinstance(c, FP) for c in conditions) else None
         for cond in conditions:

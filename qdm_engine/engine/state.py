@@ -154,8 +154,9 @@ class RunState:
             self.stop_signal = int(flag)
         return bool(int(flag))
 
-    def save(self) -> None:
-        t0 = time.perf_counter()
+    def save(self, t0: float | None = None) -> None:
+        """Write the state; `t0` is when taking it began (the device reads and cache sync count too)."""
+        t0 = time.perf_counter() if t0 is None else t0
         save_atomic(self.data, self.path)
         self.saves += 1
         self.save_seconds += time.perf_counter() - t0
@@ -167,9 +168,10 @@ class RunState:
         if not self.on:
             return
         if self._due(b):
+            t0 = time.perf_counter()
             stop = self._agree_stop()
             self.data["fp" if where == "fp" else "current"] = _host(snapshot())
-            self.save()
+            self.save(t0)
             if stop:
                 raise Interrupted(self.run_dir, self.stop_signal)
         self._test_kill(f"{where}:{b + 1}")
@@ -178,12 +180,13 @@ class RunState:
         """After pass `where` ends: store its result (the FP state, or a finished condition) and stop if asked."""
         if not self.on:
             return
+        t0 = time.perf_counter()
         if where == "fp":
             self.data["fp"] = _host(record)
         else:
             self.data["finished"][where] = _host(record)
             self.data["current"] = None
-        self.save()
+        self.save(t0)
         self._test_kill(f"{where}:end")
         if self._agree_stop():
             raise Interrupted(self.run_dir, self.stop_signal)
