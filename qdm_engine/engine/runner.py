@@ -303,8 +303,8 @@ def run_conditions(
                        folder=cache_dir, rank=shard.rank, keep=state.on and cache_dir is not None)
     if fp_saved and fp_cache.where == "disk" and fp_cache.keep:
         fp_cache.valid = fp_saved.get("cached", 0)
-    if log and todo:
-        log(fp_cache.describe())
+    if log and todo and (fp_cache.where == "disk" or (on_cuda and fp_cache.where == "host")):
+        log(fp_cache.describe())  # only when it left the run device (config.json records it always)
     side = _EncodeStream(device, overlap)
     with torch.inference_mode(), ExitStack() as stack:
         ro = {h: stack.enter_context(read_out(model, h)) for h in sites}
