@@ -33,11 +33,22 @@ def cli(args, env_extra=None, **kw):
                           env=env, timeout=600, **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs (the reference, the resumes) use the subprocesses' single thread: a matmul's float32
+    rounding may depend on how many threads split it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_llama, tiny_sae, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    proc = cli(args_for(tiny_llama, tiny_sae, text_file, out))
-    assert proc.returncode == 0, proc.stderr
+    assert main(args_for(tiny_llama, tiny_sae, text_file, out)) == 0
     return out
 
 
@@ -59,7 +70,7 @@ def assert_same_results(run, ref):
 # 4 batches per pass (16 blocks of 32, 4 per batch); passes fp, int8, int4
 @pytest.mark.parametrize("point,cache", [("fp:2", "disk"), ("int8:end", "memory"), ("int4:3", "memory")])
 def test_kill_9_then_resume_gives_the_uninterrupted_results(point, cache, reference, tiny_llama, tiny_sae, text_file,
-                                                            tmp_path):
+                                                            tmp_path, capsys):
     out = tmp_path / "run"
     proc = cli(args_for(tiny_llama, tiny_sae, text_file, out, "--checkpoint-every", "1", "--cache", cache),
                {"QDM_TEST_KILL_AT": point})
@@ -68,21 +79,25 @@ def test_kill_9_then_resume_gives_the_uninterrupted_results(point, cache, refere
     assert [p.name for p in out.iterdir()] == [".partial"]  # nothing that looks like results
     if cache == "disk":
         assert sorted(p.name for p in (out / ".partial").glob("fp-cache-*")) == ["fp-cache-rank0-site0.bin"]
-    again = cli(["sweep", "--resume", str(out), "--quiet"])
-    assert again.returncode == 0, again.stderr[-2000:]
+    capsys.readouterr()
+    assert main(["sweep", "--resume", str(out), "--quiet"]) == 0  # in process: the kill was the subprocess's
+    stdout = capsys.readouterr().out
     done = {"fp:2": "0 of 2 conditions and 2 FP batches", "int8:end": "1 of 2 conditions and all FP batches",
             "int4:3": "1 of 2 conditions and all FP batches"}[point]
-    assert f"resuming {out}: {done} were checkpointed" in again.stdout
+    assert f"resuming {out}: {done} were checkpointed" in stdout
     assert_same_results(out, reference)
     config = json.loads((out / "config.json").read_text())
     assert config["resumed"] is True and config["fp_cache"] == cache
 
 
-def test_sigint_stops_cleanly_with_the_resume_command(reference, tiny_llama, tiny_sae, text_file, tmp_path):
+@pytest.mark.parametrize("sig,code", [("INT", 130), ("TERM", 143)])
+def test_sigint_stops_cleanly_with_the_resume_command(sig, code, reference, tiny_llama, tiny_sae, text_file, tmp_path,
+                                                      capsys):
     out = tmp_path / "run"
     proc = cli(args_for(tiny_llama, tiny_sae, text_file, out, "--checkpoint-every", "100"),
-               {"QDM_TEST_KILL_AT": "int8:1=INT"})  # SIGINT to itself after int8's first batch
-    assert proc.returncode == 130, proc.stderr[-2000:]
+               {"QDM_TEST_KILL_AT": f"int8:1={sig}"})  # the signal to itself after int8's first batch
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert f"SIG{sig}: stopping after the current batch" in proc.stdout
     assert f"qdm-engine sweep --resume {out}" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "summary.csv").exists()
     import torch
@@ -90,11 +105,11 @@ def test_sigint_stops_cleanly_with_the_resume_command(reference, tiny_llama, tin
     state = torch.load(out / ".partial" / "state-rank0.pt", weights_only=True)  # usable: plain tensors
     assert state["fp"]["finished"] and state["current"]["name"] == "int8"
     assert state["current"]["done"] == 2  # the batch running when the signal came was finished and saved
-    again = cli(["sweep", "--resume", str(out), "--quiet"])
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert main(["sweep", "--resume", str(out), "--quiet"]) == 0
     assert_same_results(out, reference)
-    done = cli(["sweep", "--resume", str(out), "--quiet"])
-    assert done.returncode == 0 and "is complete" in done.stdout
+    capsys.readouterr()
+    assert main(["sweep", "--resume", str(out), "--quiet"]) == 0
+    assert "is complete" in capsys.readouterr().out
 
 
 @pytest.fixture()
