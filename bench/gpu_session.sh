@@ -58,7 +58,7 @@ if [ "$SMALL" -eq 1 ]; then
   KERNELS=(--cpu --small --interpret --models pythia,gemma --ops encode --precisions auto,tf32x3 --tokens 256)
   PYTHIA=(--shape pythia-70m --tokens 1024 --naive-tokens 1024 --bits 8 --device cpu --batch-size 2 --naive-batch-size 2)
   GEMMA=(--shape gemma-2-tiny --tokens 1024 --skip-naive --bits 8..7 --device cpu)
-  TESTS=(tests/kernels/test_encode_moments.py -k "determinism or split or pinned")
+  TESTS=(tests/kernel_tests/test_encode_moments.py -k "determinism or split or pinned")
   B1=300 B2=300 B3=200 B4=200  # a shared CPU is slow; only the GPU run must fit 8 minutes
 else
   export TRITON_INTERPRET=0
@@ -66,7 +66,7 @@ else
   PYTHIA=(--shape pythia-70m --tokens 200000 --naive-tokens 8192 --bits 8..4)
   GEMMA=(--shape gemma-2-2b --tokens 131072 --skip-naive --bits 8..4)
   TESTS=(tests/engine/test_runner.py tests/engine/test_runner_oom.py tests/engine/test_statistics.py
-         tests/kernels/test_encode_moments.py tests/kernels/test_prune.py tests/kernels/test_fake_quant.py)
+         tests/kernel_tests/test_encode_moments.py tests/kernel_tests/test_prune.py tests/kernel_tests/test_fake_quant.py)
   B1=135 B2=100 B3=95 B4=115
 fi
 

@@ -350,7 +350,8 @@ def sweep(
     try:
         runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard,
                               keep_batches, topk=topk, units=boot_units, state=state, cache=cache, log=log,
-                              cache_dir=resumable.cache_folder(out, cache_dir) if state is not None else cache_dir)
+                              cache_dir=resumable.cache_folder(out, cache_dir) if state is not None else cache_dir,
+                              release_base=True)  # lm is not used afterwards
     finally:
         restore()
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)

@@ -92,7 +92,8 @@ def _add_sweep(sub) -> None:
                         "`qdm-engine methods` lists every method and its keys)")
     g.add_argument("--compressed", action="append", default=[], metavar="[NAME=]PATH",
                    help="also audit a downloaded checkpoint of the base model against it: a .gguf file, a "
-                        "compressed-tensors folder (llm-compressor output) or a transformers folder (repeatable; "
+                        "compressed-tensors folder (llm-compressor output), a bitsandbytes (NF4/FP4/INT8) or torchao folder, "
+                        "or a transformers folder; a path or a hub id, owner/name or owner/name:FILE.gguf (repeatable; "
                         "named after its file or folder unless NAME= is given)")
     g.add_argument("--scope", choices=["blocks", "all"], default="blocks",
                    help="what is compressed: blocks (the decoder-layer linears) or all (also the embeddings and "
@@ -542,7 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Import-time warnings of libraries that transformers' quantizer registry imports whenever they are installed:
+# torchao cannot load its CUDA-only extensions on a CPU machine, registers enums torch now calls deprecated, and
+# bitsandbytes looks for an optional hub kernel. None concerns the audit; each would print on every run.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

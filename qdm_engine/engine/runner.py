@@ -16,6 +16,7 @@ moments of a condition are reduced per bootstrap unit (a run of consecutive bloc
 
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -209,6 +210,7 @@ def run_conditions(
     cache: str = "auto",
     cache_dir=None,
     log=None,
+    release_base: bool = False,
 ) -> list[ConditionRun]:
     """Run FP then every condition over the same blocks; one ConditionRun per row, FP first.
 
@@ -225,6 +227,10 @@ def run_conditions(
     skipped and a condition in progress restarts after its last checkpointed batch. `cache` (auto, memory,
     disk) and `cache_dir` place the FP read-out cache (engine.fpcache); a memory cache lost with an
     interrupted process is refilled by rerunning the FP forwards only (NLL and top-k come from the state).
+    Conditions that replace the weights wholesale (downloaded checkpoints) run after the others; with
+    `release_base` the host snapshot of the FP weights is dropped before the first of them (the FP read-outs
+    are cached by then), so the base and a checkpoint are never both held, and the model is left holding the
+    last checkpoint's weights. The runs come back in the order of `conditions` either way.
     """
     state = state if state is not None else RunState()
     if keep_batches and shard.world > 1:
@@ -357,12 +363,20 @@ def run_conditions(
                 entries.append(e.drop(columns="row"))
         runs.append(ConditionRun("fp", FP(), nll, int(n), fp_seconds, topk=entries, fp_cache=fp_cache.where))
 
-        saved = FPWeights(model) if any(not isinstance(c, FP) for c in conditions) else None
-        for cond in conditions:
-            done = state.finished.get(cond.name)
-            if done is not None:  # finished before an interruption: as it was saved
-                runs.append(_restored_run(cond, done, topk))
+        replaces = [bool(getattr(c, "replaces_weights", False)) for c in conditions]
+        order = [i for i, r in enumerate(replaces) if not r] + [i for i, r in enumerate(replaces) if r]
+        in_process = any(not isinstance(c, FP) and not r for c, r in zip(conditions, replaces))
+        saved = FPWeights(model) if in_process or (any(replaces) and not release_base) else None
+        done: dict[int, ConditionRun] = {}
+        for at in order:
+            cond = conditions[at]
+            earlier = state.finished.get(cond.name)
+            if earlier is not None:  # finished before an interruption: as it was saved
+                done[at] = _restored_run(cond, earlier, topk)
                 continue
+            if replaces[at] and release_base and saved is not None:
+                saved = None  # only checkpoints from here on: the FP weights are not needed again
+                gc.collect()
             bar.set_description(cond.name)
             t0, nll, n, spent = time.perf_counter(), no_nll.clone(), 0, 0.0
             with side.enter():
@@ -410,15 +424,15 @@ def run_conditions(
                     saved.restore()
             nll, n = shard.sum(float(nll), n)
             accs = [shard.merge(FeatureMoments.combine(p)) for p in packed]
-            runs.append(ConditionRun(cond.name, cond, nll, int(n), spent + time.perf_counter() - t0, accs,
-                                     kept if keep_batches else [], t_apply,
-                                     unit_moments=[p.cpu() for p in packed] if single else [],
-                                     topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk]))
-            r = runs[-1]
+            done[at] = r = ConditionRun(cond.name, cond, nll, int(n), spent + time.perf_counter() - t0, accs,
+                                        kept if keep_batches else [], t_apply,
+                                        unit_moments=[p.cpu() for p in packed] if single else [],
+                                        topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk])
             state.pass_done(cond.name, {"nll": torch.tensor(r.nll, dtype=torch.float64), "n": r.n_targets,
                                         "seconds": r.seconds, "compress_seconds": r.compress_seconds,
                                         "moments": [m.pack() for m in accs], "unit_moments": r.unit_moments,
                                         "topk": at_topk})
+        runs += [done[at] for at in range(len(conditions))]
     bar.close()
     fp_cache.close(remove=not state.on)
     return runs

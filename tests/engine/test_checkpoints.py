@@ -225,3 +225,186 @@ def test_gguf_checkpoint_against_itself_and_its_source(tiny_llama, tiny_sae, tex
     cfg = json.loads((out / "config.json").read_text())
     c = next(c for c in cfg["conditions"] if c["name"] == "tiny-q8_0")
     assert c["format"] == "gguf" and c["gguf_file"] == "tiny-q8_0.gguf" and "tiny-q8_0.gguf" in c["sha256"]
+
+
+@needs_llmc
+def test_checkpoint_beside_in_process_methods(tiny_llama, tiny_sae, text_file, tmp_path, w4a16):
+    """A checkpoint in a sweep with in-process conditions: it runs after them (the base's snapshot is dropped
+    before it), each condition exactly as it is in a sweep of its own."""
+    mixed = tmp_path / "mixed"
+    assert _sweep(tiny_llama, tiny_sae, text_file, mixed, "--bits", "4", "--compressed", f"ck={w4a16}",
+                  "--method", "rtn:bits=4,group=16") == 0
+    summary = pd.read_csv(mixed / "summary.csv")
+    assert summary["condition"].tolist() == ["fp", "int4", "int4-g16", "ck"]
+    for name, args in [("int4", ["--bits", "4"]), ("ck", ["--compressed", f"ck={w4a16}"]),
+                       ("int4-g16", ["--method", "rtn:bits=4,group=16"])]:
+        alone = tmp_path / f"alone-{name}"
+        assert _sweep(tiny_llama, tiny_sae, text_file, alone, *args) == 0
+        a = pd.read_parquet(alone / "features" / f"{name}.parquet")["r"].to_numpy()
+        b = pd.read_parquet(mixed / "features" / f"{name}.parquet")["r"].to_numpy()
+        assert np.array_equal(a, b, equal_nan=True), name
+        s_alone = pd.read_csv(alone / "summary.csv").set_index("condition").loc[name, "ppl"]
+        assert s_alone == summary.set_index("condition").loc[name, "ppl"]
+
+
+@needs_llmc
+def test_checkpoint_condition_restores_the_base(tiny_llama, tiny_sae, text_file, w4a16):
+    """Without release_base the runner puts the base back bit for bit after a checkpoint (its tensors were
+    released and replaced by the checkpoint's, then refilled from the snapshot)."""
+    from transformers import AutoModelForCausalLM
+
+    from qdm_engine.engine.checkpoints import make_checkpoint
+    from qdm_engine.engine.compression import RTN
+    from qdm_engine.engine.runner import run_conditions
+    from qdm_engine.engine.sae import load_sae
+    from qdm_engine.engine.tokens import make_blocks, read_text
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sae = load_sae(str(tiny_sae))
+    blocks = make_blocks(AutoTokenizer.from_pretrained(str(tiny_llama)), read_text(str(text_file)), 32, 128, True)
+    ck = make_checkpoint(str(w4a16))
+    runs = run_conditions(model, [sae], [sae.hook_name], blocks, [ck, RTN(4)], 4, progress=False, topk=0, units=0)
+    assert [r.name for r in runs] == ["fp", ck.name, "int4"]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert runs[1].moments[0].pearson().nan_to_num().mean() < 1.0  # the checkpoint did run
+
+
+@pytest.mark.parametrize("kind, method", [("nf4", "nf4"), ("fp4", "fp4"), ("int8", "llm-int8")])
+def test_bitsandbytes_checkpoint_equals_the_method(tiny_llama, tiny_sae, text_file, tmp_path, kind, method):
+    """A bitsandbytes folder written by transformers (quantized on load, save_pretrained) audits exactly like
+    our in-process simulation of the same format (bitsandbytes' quantize/dequantize round trip on the base):
+    the same dense weights, so the same per-feature r (within 1e-9) and perplexity."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    q = (BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else
+         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32))
+    folder = tmp_path / f"tiny-bnb-{kind}"
+    AutoModelForCausalLM.from_pretrained(str(tiny_llama), quantization_config=q, dtype=torch.float32) \
+        .save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tiny_llama)).save_pretrained(folder)
+    assert detect_format(str(folder))[0] == "bitsandbytes"
+    out = tmp_path / "run"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--method", method, "--compressed", f"ck={folder}") == 0
+    ours = pd.read_parquet(out / "features" / f"{method}.parquet")
+    theirs = pd.read_parquet(out / "features" / "ck.parquet")
+    active = ours["active"]
+    assert active.sum() > 10 and ours.loc[active, "r"].mean() < 1.0
+    assert np.allclose(ours.loc[active, "r"], theirs.loc[active, "r"], atol=1e-9, rtol=0)
+    summary = pd.read_csv(out / "summary.csv").set_index("condition")
+    assert summary.loc["ck", "ppl"] == pytest.approx(summary.loc[method, "ppl"], rel=1e-9)
+    c = json.loads((out / "config.json").read_text())["conditions"][1]
+    assert c["format"] == "bitsandbytes" and c["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert summary.loc["ck", "bits"] == (8 if kind == "int8" else 4)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g16", "fp8"])
+def test_torchao_checkpoint_loads_to_torchaos_own_dequantization(tiny_llama, tiny_sae, text_file, tmp_path, kind):
+    """A torchao folder (TorchAoConfig quantized on load, save_pretrained): the dense weights we audit are bit for
+    bit torchao's own `dequantize()` of the in-memory quantized model, and the audit of the folder equals the
+    audit of those dense weights saved as a plain transformers folder."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+
+    from qdm_engine.engine.checkpoints import load_dense
+
+    cfg = {"int8": Int8WeightOnlyConfig(), "fp8": Float8WeightOnlyConfig(),
+           "int4-g16": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(16))}[kind]
+    q = AutoModelForCausalLM.from_pretrained(str(tiny_llama), quantization_config=TorchAoConfig(quant_type=cfg),
+                                             dtype=torch.float32)
+    folder = tmp_path / f"tiny-torchao-{kind}"
+    q.save_pretrained(folder, safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tok.save_pretrained(folder)
+    assert detect_format(str(folder))[0] == "torchao"
+    dense, _ = load_dense(str(folder), "torchao", None, torch.float32)
+    theirs = dict(q.named_parameters())
+    n_quantized = 0
+    for name, p in dense.named_parameters():
+        assert type(p.data) is torch.Tensor, name
+        ref = theirs[name].data
+        if type(ref) is not torch.Tensor:
+            ref, n_quantized = ref.dequantize(), n_quantized + 1
+        assert torch.equal(p.data, ref.to(torch.float32)), name
+    assert n_quantized >= 14  # every decoder-layer linear
+    plain = tmp_path / "plain"
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    fresh.load_state_dict(dense.state_dict())
+    fresh.save_pretrained(plain)
+    tok.save_pretrained(plain)
+    out = tmp_path / "run"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--compressed", f"ao={folder}",
+                  "--compressed", f"plain={plain}") == 0
+    a = pd.read_parquet(out / "features" / "ao.parquet")
+    b = pd.read_parquet(out / "features" / "plain.parquet")
+    assert a["active"].sum() > 10 and a.loc[a["active"], "r"].mean() < 1.0
+    assert np.array_equal(a["r"].to_numpy(), b["r"].to_numpy(), equal_nan=True)
+    assert json.loads((out / "config.json").read_text())["conditions"][0]["format"] == "torchao"
+
+
+def _fake_hub_repo(cache, repo, files, commit):
+    """A repository in the layout of the Hugging Face cache (refs/main -> snapshots/<commit>/...), which
+    huggingface_hub resolves offline exactly as it resolves a downloaded one."""
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, snap / f.name)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_hub_ids_resolve_through_the_hugging_face_cache(tiny_llama, tiny_sae, text_file, tmp_path, monkeypatch,
+                                                         capsys):
+    """'owner/name' and 'owner/name:FILE.gguf' go through huggingface_hub (offline here: from its cache) and
+    audit exactly like the same local folder / file; their hub id and commit are recorded; an unknown id is
+    one line, exit 2."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder_files = [f for f in tiny_llama.iterdir() if f.is_file()]
+    _fake_hub_repo(tmp_path / "hub", "acme/tiny-ft", folder_files, "a" * 40)
+    gguf = write_tiny_llama_gguf(tiny_llama, tmp_path / "tiny-q8_0.gguf", "Q8_0")
+    _fake_hub_repo(tmp_path / "hub", "acme/tiny-GGUF", [gguf], "b" * 40)
+    out = tmp_path / "run"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--compressed", "acme/tiny-ft",
+                  "--compressed", "acme/tiny-GGUF:tiny-q8_0.gguf", "--compressed", f"local={gguf}") == 0
+    summary = pd.read_csv(out / "summary.csv").set_index("condition")
+    assert summary.loc["tiny-ft", "dppl_pct"] == pytest.approx(0.0, abs=1e-9)
+    a = pd.read_parquet(out / "features" / "tiny-q8_0.parquet")["r"].to_numpy()
+    b = pd.read_parquet(out / "features" / "local.parquet")["r"].to_numpy()
+    assert np.array_equal(a, b, equal_nan=True) and np.nanmean(a) < 1.0
+    conds = {c["name"]: c for c in json.loads((out / "config.json").read_text())["conditions"]}
+    assert conds["tiny-ft"]["hub"] == {"hub_id": "acme/tiny-ft", "file": None, "revision": "a" * 40}
+    assert conds["tiny-q8_0"]["hub"] == {"hub_id": "acme/tiny-GGUF", "file": "tiny-q8_0.gguf", "revision": "b" * 40}
+    assert conds["tiny-q8_0"]["sha256"] == conds["local"]["sha256"]
+    capsys.readouterr()
+    assert _sweep(tiny_llama, tiny_sae, text_file, tmp_path / "run2", "--compressed", "acme/nothing-here") == 2
+    err = capsys.readouterr().err
+    assert "the Hugging Face hub could not provide it" in err and err.count("\n") == 1, err
+
+
+def test_unknown_quantization_format_is_refused(tiny_llama, tiny_sae, text_file, tmp_path, capsys):
+    """A folder whose quantization_config names a format we cannot load: one line listing what loads, exit 2,
+    nothing written."""
+    import shutil
+
+    folder = tmp_path / "eetq"
+    shutil.copytree(tiny_llama, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "eetq", "weights": "int8"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert _sweep(tiny_llama, tiny_sae, text_file, out, "--compressed", str(folder)) == 2
+    err = capsys.readouterr().err
+    assert "quantization format 'eetq' cannot be loaded here; supported: GGUF files" in err, err
+    assert err.count("\n") == 1 and not out.exists()

@@ -123,6 +123,8 @@ class ModelState:
     def restore(self) -> None:
         with torch.no_grad():
             for t, saved in self._pairs:
+                if t.shape != saved.shape:  # released by a checkpoint condition that failed to load
+                    t.data = torch.empty(saved.shape, dtype=saved.dtype, device=t.device)
                 t.copy_(saved, non_blocking=True)
 
 

@@ -70,10 +70,13 @@ class FP4(_Bnb4):
 
 
 def llm_int8_round_trip(w: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' int8 row-wise quantization of a weight and its dequantization (LLM.int8 weights)."""
+    """bitsandbytes' int8 row-wise quantization of a weight and its dequantization (LLM.int8 weights).
+
+    As `load_in_8bit` deploys it: bitsandbytes' Int8Params casts the weight to float16 before quantizing,
+    so the row absmax and the rounding are those of the float16 weight."""
     import bitsandbytes.functional as F
 
-    q, row_stats, _ = F.int8_vectorwise_quant(w.contiguous())
+    q, row_stats, _ = F.int8_vectorwise_quant(w.contiguous().to(torch.float16))
     return F.int8_vectorwise_dequant(q, row_stats).to(w.dtype).reshape(w.shape)
 
 
