@@ -58,7 +58,7 @@ class FPCache:
         self.row0 = np.cumsum([0] + self.batch_rows).tolist()
         self.row_bytes = width * torch.empty((), dtype=dtype).element_size()
         self.mem: list[dict[str, torch.Tensor] | None] = [None] * len(batch_rows)
-        self.files, self.fds, self.valid = [], [], 0
+        self.files, self.fds, self.valid, self.buffers = [], [], 0, []
         if where == "disk":
             folder = Path(folder) if folder is not None else None
             if folder is None:
@@ -93,9 +93,12 @@ class FPCache:
         elif self.where == "host":
             self.mem[b] = {h: self._to_host(x) for h, x in xs.items()}
         else:
-            for fd, h in zip(self.fds, self.sites):
+            for fd, h in zip(self.fds, self.sites):  # written from the tensor's own memory, no copy on a CPU
                 data = xs[h].detach().to("cpu").contiguous().view(torch.uint8).numpy()
-                os.pwrite(fd, data.tobytes(), self.row0[b] * self.row_bytes)
+                done = os.pwrite(fd, data, self.row0[b] * self.row_bytes)
+                if done != data.nbytes:
+                    raise OSError(f"short write to the FP cache {self.files[0].parent} ({done} of {data.nbytes} "
+                                  "bytes): is the disk full? Pass --cache-dir on a larger disk")
 
     def _to_host(self, x: torch.Tensor) -> torch.Tensor:
         if not self.on_cuda:
@@ -110,10 +113,18 @@ class FPCache:
         if self.where == "host":
             return {h: x.to(self.device, non_blocking=True) for h, x in self.mem[b].items()}
         rows, out = self.batch_rows[b], {}
-        for fd, h in zip(self.fds, self.sites):
-            raw = os.pread(fd, rows * self.row_bytes, self.row0[b] * self.row_bytes)
-            x = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(self.dtype).view(rows, self.width)
-            out[h] = x.to(self.device, non_blocking=True) if self.on_cuda else x
+        if not self.buffers:  # one read buffer per site, reused batch after batch: a fresh multi-MB buffer per
+            # batch is what lets the C heap grow (glibc raises its mmap threshold after the first free)
+            self.buffers = [torch.empty(max(self.batch_rows) * self.row_bytes, dtype=torch.uint8) for _ in self.fds]
+        for fd, h, buf in zip(self.fds, self.sites, self.buffers):
+            view = buf[: rows * self.row_bytes]
+            got = os.preadv(fd, [view.numpy()], self.row0[b] * self.row_bytes)
+            if got != view.numel():
+                raise OSError(f"the FP cache {self.files[0].parent} is shorter than expected ({got} of {view.numel()} "
+                              "bytes); was it changed while the sweep ran?")
+            x = view.view(self.dtype).view(rows, self.width)
+            # on a GPU a blocking copy: the buffer is read again for the next batch
+            out[h] = x.to(self.device) if self.on_cuda else x
         return out
 
     def sync(self) -> bool:
@@ -131,7 +142,7 @@ class FPCache:
     def close(self, remove: bool = True) -> None:
         for fd in self.fds:
             os.close(fd)
-        self.fds = []
+        self.fds, self.buffers = [], []
         if remove and self.where == "disk":
             for f in self.files:
                 f.unlink(missing_ok=True)
