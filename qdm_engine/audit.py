@@ -37,7 +37,7 @@ from qdm_engine.engine.runner import ConditionRun, auto_batch_size, run_conditio
 from qdm_engine.engine.sae import load_sae
 from qdm_engine.engine.sites import site_width
 from qdm_engine.engine.splice import SPLICE_METRICS
-from qdm_engine.engine.tokens import make_blocks, read_text
+from qdm_engine.engine.tokens import TokenBlocks, make_blocks, read_text
 from qdm_engine.errors import QdmError
 from qdm_engine.kernels.moments import FeatureMoments
 
@@ -210,6 +210,11 @@ def sweep(
     splice: bool = False,
     recon: bool = True,
     log=print,
+    text_field: str = "text",
+    checkpoint_every: int | str = "auto",
+    cache: str = "auto",
+    cache_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
 ) -> SweepResult:
     """Audit FP vs each condition (RTN `bits`, pruning `prune`) on identical tokens through frozen SAEs.
 
@@ -222,8 +227,16 @@ def sweep(
     block-bootstrap intervals over about `boot_units` runs of blocks (0: off). Every model also gets each
     SAE's reconstruction metrics (`recon=False`: not measured, for timing them); `splice` adds the
     spliced-loss metrics (two more forwards per SAE).
+    `text` may also be a folder of .txt/.jsonl/.parquet files (records' `text_field`) or '-' (stdin), streamed
+    up to the budget (engine.corpus). With `out` the loop checkpoints into the unfinished folder (after the FP
+    pass, each condition and every `checkpoint_every` batches; engine.state); `resume_from` continues one
+    (resume.resume_sweep). `cache` (auto, memory, disk) and `cache_dir` place the FP read-out cache.
     """
+    call = dict(locals())  # the arguments, saved with a resumable run (resume.begin)
+    from qdm_engine import resume as resumable
+    from qdm_engine.engine import corpus
     from qdm_engine.engine.distributed import init_from_env
+    from qdm_engine.engine.fpcache import MODES
     from qdm_engine.engine.matched import match_method, match_pruning
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -242,8 +255,12 @@ def sweep(
         raise QdmError("--splice needs the logits of every forward: drop --no-ppl")
     if (prune_matched or matches) and not ppl:
         raise QdmError(f"{'--prune-matched' if prune_matched else '--match'} needs perplexities: drop --no-ppl")
+    if cache not in MODES:
+        raise QdmError(f"unknown --cache '{cache}'; choose auto, memory or disk")
+    if checkpoint_every != "auto" and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise QdmError(f"--checkpoint-every must be a positive number of batches or auto, got {checkpoint_every}")
     shard, device = init_from_env(device)
-    if out is not None and shard.is_main:
+    if out is not None and shard.is_main and resume_from is None:
         out = check_out_dir(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -259,7 +276,14 @@ def sweep(
     default = _default_components() if uses_default else None
     if text is None:
         text = str(default.DEFAULT_TEXT)
-    text_str = read_text(text)  # fail fast on a bad text, before any model loads
+    text = call["text"] = corpus.describe(str(text))  # an absolute path: a resumed run reads the same text
+    from_stdin = text == corpus.STDIN
+    if resume_from is not None and from_stdin:
+        text_str = ""  # standard input was read once; its ids are in the state
+    else:  # fail fast on a bad text, before any model loads
+        text_str = corpus.head(text, 20000, text_field)
+        if not text_str:
+            raise QdmError(f"text '{text}' is empty (no non-blank lines); pass --text a file with text in it")
     calib_str = read_text(calib_text, flag="--calib-text") if calib_text is not None else None
     check_model_source(model, gguf_file)
     saes = [load_sae(s, device=device) for s in (sae_specs or [default.DEFAULT_SAE_DIR])]  # before the model
@@ -280,14 +304,34 @@ def sweep(
         find_targets(lm)  # compression needs the decoder-layer linears: fail before any forward pass
     for c in conditions + [t for _m, _n, t in matches]:
         if isinstance(c, Checkpoint):
-            c.check(lm, tok, text_str[:20000])  # tokenizer on the audit text, depth, width, parameter shapes
+            c.check(lm, tok, text_str or tok.decode(resumable.load_tokens(out)[0, 1:].tolist()))  # tokenizer on the audit text, depth, width, parameter shapes
         else:
             c.check(lm)  # group sizes, block sizes and patterns against this model's widths
     if tokens == "auto":  # a few minutes for an INT8..INT4 sweep of a ~100M model on 2 CPU cores
         tokens = 8192 if device == "cpu" else 131072
-    blocks = make_blocks(tok, text_str, block_len, tokens, bos)
+    if resume_from is not None and from_stdin:
+        ids = resumable.load_tokens(out)
+        mask = torch.ones(ids.shape, dtype=torch.bool)
+        bos_id = tok.bos_token_id if bos else None
+        if bos_id is not None:
+            mask[:, 0] = False
+        blocks = TokenBlocks(ids, mask, bos_id, int(ids.numel()))
+    else:
+        blocks = corpus.stream_blocks(tok, text, block_len, tokens, bos, field=text_field)
     if batch_size == "auto":
         batch_size = auto_batch_size(lm, block_len, device)
+    ids_sha = corpus.ids_sha256(blocks.ids)
+    state = None
+    if out is not None and not keep_batches:  # checkpoints, and the fingerprint a resume must match
+        call.update(tokens=tokens, batch_size=batch_size, device=device)
+        fp = resumable.fingerprint(lm, model_id, saes, hooks, ids_sha, blocks.n_blocks, shard.world)
+        state = resumable.begin(out, call, fp, shard, checkpoint_every, resuming=resume_from is not None)
+        if from_stdin and resume_from is None and shard.is_main:
+            resumable.save_tokens(out, blocks.ids)
+        if resume_from is not None:
+            log(f"resuming {out}: {len(state.finished)} of {len(conditions)} conditions and "
+                f"{'all' if state.fp and state.fp['finished'] else (state.fp or {}).get('done', 0)} FP batches "
+                "were checkpointed")
     taken: set[str] = set()
     tags = [_tag(s, taken) for s in saes]
     for s, h, t in zip(saes, hooks, tags):
@@ -302,7 +346,7 @@ def sweep(
     if prune_matched or matches or needs_calib:
         calib_budget = max(block_len, calib_tokens)
         calib = (make_blocks(tok, calib_str, block_len, calib_budget, bos) if calib_str is not None
-                 else _held_out_blocks(tok, text_str, block_len, calib_budget, bos, blocks.n_blocks))
+                 else _held_out_blocks(tok, text, block_len, calib_budget, bos, blocks.n_blocks, text_field))
         calib_ids = CalibrationTokens(calib.ids.clone(), hashlib.sha256(calib.ids.numpy().tobytes()).hexdigest(),
                                       str(calib_text or text))
         conditions = [dataclasses.replace(c, calib=calib_ids) if getattr(c, "calibration", False) else c
@@ -313,9 +357,14 @@ def sweep(
         target = next((c for c in conditions if c.name == target.name), target)  # calibrated when it needs it
         conditions.append(match_method(lm, spec, target, calib, calib_ids, batch_size, device, log=log))
 
-    runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard, keep_batches,
-                          topk=topk, units=boot_units, splice=splice, recon=recon,
-                          release_base=True)  # lm is not used afterwards
+    restore = state.install_signals(log) if state is not None else (lambda: None)
+    try:
+        runs = run_conditions(lm, saes, hooks, blocks, conditions, batch_size, device, progress, ppl, shard,
+                              keep_batches, topk=topk, units=boot_units, splice=splice, recon=recon, state=state, cache=cache, log=log,
+                              cache_dir=resumable.cache_folder(out, cache_dir) if state is not None else cache_dir,
+                              release_base=True)  # lm is not used afterwards
+    finally:
+        restore()
     summary, features = _tables(runs, tags, thresholds, blocks.scored_positions, ppl)
     extra = _uncertainty_and_topk(runs, tags, summary, features, thresholds, blocks, tok, boot_units > 0)
     config = {
@@ -330,7 +379,9 @@ def sweep(
         "saes": [{"tag": t, "hook": h, **s.identity} for s, h, t in zip(saes, hooks, tags)],
         "tokens": {
             "text": str(text),
-            "text_sha256": hashlib.sha256(text_str.encode()).hexdigest(),
+            "text_field": text_field if corpus.kind(text) != "file" or text.endswith((".jsonl", ".parquet")) else None,
+            "text_sha256": _text_sha256(text, text_field),
+            "ids_sha256": ids_sha,  # the token ids audited (the blocks, BOS included), as little-endian int64
             "text_tokens": blocks.text_tokens,
             "budget": tokens,
             "block_len": blocks.block_len,
@@ -350,12 +401,24 @@ def sweep(
         "perplexity": ppl,
         "splice": splice,
         "batch_size": batch_size,
+        "fp_cache": cache,
+        "fp_cache_place": runs[0].fp_cache,  # gpu, host or disk (what auto chose)
+        "checkpoint_every": checkpoint_every,
+        "resumed": resume_from is not None,
+        "checkpoints": None if state is None else {"saves": state.saves, "seconds": round(state.save_seconds, 3)},
         "device": device,
         "processes": shard.world,
         "dtype": model_id["dtype"],
         "notes": [summary.attrs["note"]] if summary.attrs.get("note") else [],
     }
-    written = write_run(out, config, summary, features, extra) if out is not None and shard.is_main else None
+    if state is not None and shard.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's last checkpoint is written before the state folder goes
+    written = write_run(out, config, summary, features, extra, partial_ok=state is not None) \
+        if out is not None and shard.is_main else None
+    if state is not None and shard.is_main:
+        resumable.finish(out, cache_dir)
     return SweepResult(summary, features, config, written, runs if keep_batches else [], extra.get("topk"))
 
 
@@ -397,9 +460,25 @@ def _bits_of(name: str) -> int:
     return int(str(name)[3:])
 
 
-def _held_out_blocks(tok, text_str, block_len, budget, bos, audit_blocks):
+def _text_sha256(text: str, field: str) -> str | None:
+    """sha256 of a text file's joined non-blank lines (as ever); None for a folder, stdin or a dataset,
+    whose audited tokens are fingerprinted by ids_sha256 alone (they may be far larger than what is read)."""
+    from qdm_engine.engine import corpus
+
+    if corpus.kind(text) != "file":
+        return None
+    h, first = hashlib.sha256(), True
+    for line in corpus.lines(text, field):
+        h.update((line if first else "\n" + line).encode())
+        first = False
+    return h.hexdigest()
+
+
+def _held_out_blocks(tok, text, block_len, budget, bos, audit_blocks, field="text"):
+    from qdm_engine.engine.corpus import stream_blocks
+
     try:
-        return make_blocks(tok, text_str, block_len, budget, bos, skip_blocks=audit_blocks)
+        return stream_blocks(tok, text, block_len, budget, bos, skip_blocks=audit_blocks, field=field)
     except QdmError as exc:
         raise QdmError(f"no held-out text left after the audit tokens for --prune-matched ({exc}); "
                        "pass --calib-text FILE or lower --tokens") from exc

@@ -123,8 +123,12 @@ def _add_sweep(sub) -> None:
     g.add_argument("--hook", help="read-out site, e.g. blocks.6.hook_resid_post (default: the SAE's hook_name)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code from its repo")
     g = p.add_argument_group("tokens")
-    g.add_argument("--text", help="audit text: a local UTF-8 file or a datasets name path[:config[:split]] "
-                                  "(default: the bundled WikiText-2-raw test split)")
+    g.add_argument("--text", help="audit text: a local UTF-8 file, a folder of .txt/.jsonl/.parquet files (read in "
+                                  "sorted order, documents joined by newlines), - for standard input, or a datasets "
+                                  "name path[:config[:split]] (hf:NAME forces one; streamed); tokenized as a stream "
+                                  "that stops at --tokens (default: the bundled WikiText-2-raw test split)")
+    g.add_argument("--text-field", default="text", help="the field of .jsonl records / column of .parquet files "
+                                                        "(and of a datasets name) that holds the text")
     g.add_argument("--tokens", type=_count_or_auto, default="auto",
                    help="token budget (positions, BOS included); auto: 8192 on CPU, 131072 on CUDA")
     g.add_argument("--block-len", type=_positive_int, default=128, help="positions per block")
@@ -150,28 +154,34 @@ def _add_sweep(sub) -> None:
     g.add_argument("--out", help="results folder (default: qdm-runs/<time>); must not exist or be empty")
     g.add_argument("--report", action="store_true", help="also write RUN_DIR/report/report.html and its figures")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("long runs")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="finish an interrupted sweep from its checkpoints, with the arguments it started with (no "
+                        "others but --quiet and --report); refused if the model, SAE, tokens or code changed")
+    g.add_argument("--checkpoint-every", type=_count_or_auto, default="auto", metavar="N",
+                   help="also checkpoint every N batches inside a pass (auto: about every 3 minutes of work); "
+                        "checkpoints are always taken after the FP pass and after each condition")
+    g.add_argument("--cache", choices=["auto", "memory", "disk"], default="auto",
+                   help="where the FP read-outs are kept for the conditions: auto (GPU, else host memory, else disk "
+                        "when they would take over half the available memory), memory or disk")
+    g.add_argument("--cache-dir", help="folder for a disk cache (default: inside the results folder)")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args) -> int:
-    from qdm_engine.analysis.taxonomy import Thresholds
-    from qdm_engine.audit import format_summary, sweep
+    from qdm_engine.audit import format_summary
+    from qdm_engine.engine.state import Interrupted
 
-    out = args.out or os.path.join("qdm-runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
     log = lambda msg: print(msg, flush=True)  # noqa: E731  (what is audited is part of the output)
-    bits = args.bits
-    if bits is None:
-        bits = None if (args.method or args.match or args.compressed) else DEFAULT_BITS
-    result = sweep(
-        model=args.model, sae=args.sae, bits=bits, prune=args.prune, prune_matched=args.prune_matched,
-        methods=args.method, scope=args.scope, match=args.match, compressed=args.compressed,
-        gguf_file=args.gguf_file, hook=args.hook, text=args.text, calib_text=args.calib_text,
-        calib_tokens=args.calib_tokens, tokens=args.tokens, block_len=args.block_len, ppl=args.ppl,
-        batch_size=args.batch_size, bos=args.bos, device=args.device, dtype=args.dtype,
-        thresholds=Thresholds(active=args.active_rate, survived=args.survived, damaged=args.damaged),
-        null=args.null, out=out, progress=not args.quiet, trust_remote_code=args.trust_remote_code, log=log,
-        splice=args.splice,
-    )
+    try:
+        result = _sweep_or_resume(args, log)
+    except Interrupted as stop:
+        print(f"qdm-engine: interrupted; the finished work is saved in {stop.run_dir}. Resume with:\n"
+              f"  {_resume_command(stop.run_dir)}", file=sys.stderr)
+        return 128 + stop.signum
+    if result is None:
+        print(f"{args.resume} is complete (it has its summary.csv); nothing to resume")
+        return 0
     if result.out is None:  # a non-zero rank under torchrun: rank 0 prints and writes
         return 0
     print(format_summary(result.summary))
@@ -191,6 +201,48 @@ def _run_sweep(args) -> int:
             print(f"qdm-engine: warning: report not written ({exc}); retry with qdm-engine report {result.out}",
                   file=sys.stderr)
     return 0
+
+
+_RESUME_KEEPS = {"resume", "quiet", "report", "func", "command"}
+
+
+def _sweep_or_resume(args, log):
+    """`sweep --resume RUN_DIR` (which takes no other arguments) or a new sweep."""
+    from qdm_engine.analysis.taxonomy import Thresholds
+    from qdm_engine.audit import sweep
+
+    if args.resume is not None:
+        from qdm_engine.resume import resume_sweep
+
+        defaults = vars(build_parser().parse_args(["sweep"]))
+        extra = sorted(k for k, v in vars(args).items() if k not in _RESUME_KEEPS and v != defaults.get(k))
+        if extra:
+            raise QdmError("--resume takes no other arguments (the run's saved config is the source of truth); drop "
+                           + ", ".join("--" + k.replace("_", "-") for k in extra))
+        return resume_sweep(args.resume, progress=not args.quiet, log=log)
+    out = args.out or os.path.join("qdm-runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    bits = args.bits
+    if bits is None:
+        bits = None if (args.method or args.match or args.compressed) else DEFAULT_BITS
+    return sweep(
+        model=args.model, sae=args.sae, bits=bits, prune=args.prune, prune_matched=args.prune_matched,
+        methods=args.method, scope=args.scope, match=args.match, compressed=args.compressed,
+        gguf_file=args.gguf_file, hook=args.hook, text=args.text, calib_text=args.calib_text,
+        calib_tokens=args.calib_tokens, tokens=args.tokens, block_len=args.block_len, ppl=args.ppl,
+        batch_size=args.batch_size, bos=args.bos, device=args.device, dtype=args.dtype,
+        thresholds=Thresholds(active=args.active_rate, survived=args.survived, damaged=args.damaged),
+        null=args.null, out=out, progress=not args.quiet, trust_remote_code=args.trust_remote_code, log=log,
+        text_field=args.text_field, checkpoint_every=args.checkpoint_every, cache=args.cache, cache_dir=args.cache_dir,
+        splice=args.splice,
+    )
+
+
+def _resume_command(run_dir) -> str:
+    import shlex
+
+    launcher = "torchrun --nproc-per-node " + os.environ["WORLD_SIZE"] + " -m qdm_engine.cli" \
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "qdm-engine"
+    return f"{launcher} sweep --resume {shlex.quote(str(run_dir))}"
 
 
 def _thresholds_of(run_dir) -> dict:
@@ -559,7 +611,14 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print("qdm-engine: interrupted; no results folder was completed", file=sys.stderr)
+        from qdm_engine.resume import LAST_RUN, is_unfinished
+
+        run_dir = LAST_RUN.get("run_dir")
+        if run_dir is not None and is_unfinished(run_dir):
+            print(f"qdm-engine: interrupted; {run_dir} keeps the work up to its last checkpoint. Resume with:\n"
+                  f"  {_resume_command(run_dir)}", file=sys.stderr)
+        else:
+            print("qdm-engine: interrupted; no results folder was completed", file=sys.stderr)
         return 130
 
 

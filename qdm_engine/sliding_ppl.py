@@ -9,6 +9,7 @@ token-weighted), for FP and each compression condition, and adds `ppl_sliding` a
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,7 @@ from qdm_engine.atomic import replace_file
 from qdm_engine.engine.compression import RTN, FPWeights, MagnitudePrune, parse_method
 from qdm_engine.engine.models import parse_dtype
 from qdm_engine.engine.perplexity import perplexity, sliding_window_nll
-from qdm_engine.engine.tokens import read_text
+from qdm_engine.engine import corpus
 from qdm_engine.errors import QdmError
 
 
@@ -35,6 +36,31 @@ def _condition(desc: dict):
     if desc["method"] == "fp":
         return None
     raise QdmError(f"condition {desc.get('name')} of this run records no spec; rerun the sweep with this version")
+
+
+def _stream_ids(tok, source: str, field: str, n: int) -> torch.Tensor:
+    """The first `n` token ids of the text, tokenized as the sweep streams it (engine.corpus)."""
+    parts, have = [], 0
+    for chunk in corpus.token_stream(tok, source, field):
+        parts.append(torch.from_numpy(chunk))
+        have += chunk.size
+        if have >= n:
+            break
+    return torch.cat(parts)[:n] if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _estimate(lm, ids, span: int, bos_id, device, n_forwards: int) -> str:
+    """'3m 10s (600 window forwards at 0.32 s, timed on one)': one window's forward, timed, times the count."""
+    chunk = ids[:span]
+    if bos_id is not None:
+        chunk = torch.cat([torch.tensor([bos_id], dtype=ids.dtype), chunk])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        lm(input_ids=chunk[None].to(device), use_cache=False)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize(device)
+        per = time.perf_counter() - t0
+    return f"{tqdm.format_interval(per * n_forwards)} ({n_forwards} window forwards at {per:.2f} s, timed on one)"
 
 
 def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | None = None,
@@ -52,13 +78,17 @@ def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | No
         raise QdmError(f"run '{run_dir}' records no model loading arguments; rerun the sweep with this version")
     device = device or config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = parse_dtype(dtype or config.get("dtype"), device)
-    text = read_text(config["tokens"]["text"])  # every input is checked before the model loads
+    source, field = str(config["tokens"]["text"]), config["tokens"].get("text_field") or "text"
+    if source == corpus.STDIN:
+        raise QdmError(f"run '{run_dir}' read its text from standard input, which cannot be read again; rerun the "
+                       "sweep with --text FILE to score it with a sliding window")
+    if not corpus.head(source, 1000, field):  # every input is checked before the model loads
+        raise QdmError(f"the run's text '{source}' is empty or gone; restore it to score it with a sliding window")
     lm, tok, _ = load_lm(load["model"], load["gguf_file"], torch_dtype, device, load["trust_remote_code"], progress)
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     bos_id = tok.bos_token_id if config["tokens"].get("bos", True) else None
     cfg = config["tokens"]
     n_audit = cfg["n_blocks"] * (cfg["block_len"] - (1 if cfg.get("bos_token_id") is not None else 0))
-    ids = ids[: tokens or n_audit]
+    ids = _stream_ids(tok, source, field, tokens or n_audit)
     span = window - (1 if bos_id is not None else 0)
     n_windows = 1 + max(0, -(-(ids.numel() - span) // stride))
     conds = {c["name"]: _condition(c) for c in config["conditions"]}
@@ -68,7 +98,9 @@ def sliding_ppl(run_dir, window: int = 2048, stride: int = 512, tokens: int | No
         conds = {n: c for n, c in conds.items() if n not in skipped}
     log(f"sliding-window perplexity: {ids.numel()} tokens, window {window}, stride {stride}, "
         f"{n_windows} windows x {1 + sum(c is not None for c in conds.values())} models")
-    bar = tqdm(total=n_windows * (1 + sum(c is not None for c in conds.values())), unit="window", disable=not progress)
+    n_models = 1 + sum(c is not None for c in conds.values())
+    log(f"this will take about {_estimate(lm, ids, span, bos_id, device, n_windows * n_models)}")
+    bar = tqdm(total=n_windows * n_models, unit="window", disable=not progress)  # its ETA covers every model
     ppl = {}
     with torch.inference_mode():
         bar.set_description("fp")

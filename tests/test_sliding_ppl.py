@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -103,6 +104,8 @@ def test_ppl_rebuilds_every_method_from_its_recorded_spec(tiny_llama, tiny_sae, 
     capsys.readouterr()
     assert main(["ppl", str(out), "--window", "64", "--stride", "32", "--quiet"]) == 0
     err = capsys.readouterr().err
+    # the up-front estimate: one timed window forward times every window of every model
+    assert re.search(r"this will take about \S+ \((\d+) window forwards at [\d.]+ s, timed on one\)", err), err
     got = pd.read_csv(out / "summary.csv").set_index("condition")["ppl_sliding"]
     model, tok = load_model(str(tiny_llama), progress=False)[:2]
     from qdm_engine.engine.tokens import read_text

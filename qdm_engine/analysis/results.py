@@ -27,6 +27,9 @@ FEATURE_COLUMNS = ("feature", "r", "r_lo", "r_hi", "fp_rate", "fp_mean", "fp_pea
 def check_out_dir(out: str | Path) -> Path:
     """Refuse a destination that already holds files (nothing written before is ever lost)."""
     out = Path(out).expanduser()
+    if (out / ".partial" / "sweep.json").is_file():
+        raise QdmError(f"output folder '{out}' holds an unfinished sweep; finish it with qdm-engine sweep --resume "
+                       f"{out}, or choose a new --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QdmError(f"output folder '{out}' already exists and is not empty; choose a new --out")
     parent = out.parent if str(out.parent) else Path(".")
@@ -46,11 +49,16 @@ def _json_safe(obj):
 
 
 def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: dict[str, pd.DataFrame],
-              extra: dict[str, pd.DataFrame] | None = None) -> Path:
+              extra: dict[str, pd.DataFrame] | None = None, partial_ok: bool = False) -> Path:
     """Write a complete run folder atomically (temp folder beside it, then rename).
 
-    `extra` tables land beside the summary as `<name>.parquet` (topk, tokens)."""
-    out = check_out_dir(out)
+    `extra` tables land beside the summary as `<name>.parquet` (topk, tokens). With `partial_ok` the folder
+    may hold the sweep's own checkpoints (`.partial/`, engine.state) and nothing else: they are moved into
+    the new folder just before the rename and deleted after it."""
+    out = Path(out).expanduser()
+    partial = out / ".partial"
+    if not (partial_ok and partial.is_dir() and [p.name for p in out.iterdir()] == [".partial"]):
+        out = check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)  # mode from the umask, as any folder the user makes
     try:
@@ -65,12 +73,17 @@ def write_run(out: str | Path, config: dict, summary: pd.DataFrame, features: di
             df.to_parquet(path, index=False)
         for name, df in (extra or {}).items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
+        if partial_ok and partial.is_dir():  # the checkpoints go with the folder they belong to
+            os.replace(partial, tmp / ".partial")
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
     except BaseException:
+        if (tmp / ".partial").is_dir() and not partial.exists():
+            os.replace(tmp / ".partial", partial)  # the folder is still resumable
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(out / ".partial", ignore_errors=True)
     return out
 
 

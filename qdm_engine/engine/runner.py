@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 
 from qdm_engine.engine.compression import FP, FPWeights
 from qdm_engine.engine.distributed import Shard
+from qdm_engine.engine.fpcache import FPCache, choose as choose_cache
 from qdm_engine.engine.models import StopForward, read_out, stop_after
 from qdm_engine.engine.perplexity import nll_sum_tensor
 from qdm_engine.engine.recon import ReconSums
 from qdm_engine.engine.sae import SAEWeights
+from qdm_engine.engine.state import RunState
 from qdm_engine.engine.tokens import TokenBlocks
 from qdm_engine.engine.topk import DEFAULT_K, Gather, TopK, positions
 from qdm_engine.kernels.backend import use_triton
@@ -57,6 +59,7 @@ class ConditionRun:
     # decoder), and with splice its spliced-loss metrics (engine.splice)
     recon: list = field(default_factory=list)
     splice: list = field(default_factory=list)
+    fp_cache: str = ""  # FP run: where its read-outs were cached (engine.fpcache: gpu, host or disk)
 
 
 def auto_batch_size(model: torch.nn.Module, block_len: int, device: str, free_bytes: int | None = None) -> int:
@@ -74,15 +77,6 @@ def auto_batch_size(model: torch.nn.Module, block_len: int, device: str, free_by
     per_position = vocab * item + 32 * d * item
     per_block = block_len * per_position + block_len * vocab * 4
     return int(max(1, min(512, (free_bytes // 4) // per_block)))
-
-
-def _cache_device(blocks: TokenBlocks, d_model: int, n_sites: int, item: int, device: str) -> str:
-    """Keep the FP read-out cache on the GPU when it takes under half the free memory, else on the host."""
-    if not str(device).startswith("cuda"):
-        return device
-    need = blocks.scored_positions * d_model * n_sites * item
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return device if need < free // 2 else "cpu"
 
 
 class _Batch:
@@ -217,6 +211,10 @@ def run_conditions(
     overlap: bool = True,
     topk: int = DEFAULT_K,
     units: int = 64,
+    state: RunState | None = None,
+    cache: str = "auto",
+    cache_dir=None,
+    log=None,
     release_base: bool = False,
     recon: bool = True,
     splice: bool = False,
@@ -232,6 +230,10 @@ def run_conditions(
     The FP pass also keeps each feature's `topk` largest activations (0: off) and every condition its
     activations at those positions; each condition's moments are kept per run of about n_blocks / `units`
     consecutive blocks, for the block bootstrap (analysis.uncertainty). Both only in one process.
+    `state` (engine.state) checkpoints the loop and continues from what it loaded: finished passes are
+    skipped and a condition in progress restarts after its last checkpointed batch. `cache` (auto, memory,
+    disk) and `cache_dir` place the FP read-out cache (engine.fpcache); a memory cache lost with an
+    interrupted process is refilled by rerunning the FP forwards only (NLL and top-k come from the state).
     Conditions that replace the weights wholesale (downloaded checkpoints) run after the others; with
     `release_base` the host snapshot of the FP weights is dropped before the first of them (the FP read-outs
     are cached by then), so the base and a checkpoint are never both held, and the model is left holding the
@@ -241,6 +243,7 @@ def run_conditions(
     """
     if splice and not ppl:
         raise ValueError("splice needs the logits: ppl=True")
+    state = state if state is not None else RunState()
     if keep_batches and shard.world > 1:
         raise ValueError("keep_batches needs a single process")
     sites = sorted(set(hooks))
@@ -253,8 +256,14 @@ def run_conditions(
     row0 = np.cumsum([0] + batch_rows).tolist()
     single = shard.world == 1
     trackers = [TopK(s.d_sae, topk, device) for s in saes] if topk and single else []
-    bar = tqdm(total=len(batches) * (1 + len(conditions)), unit="batch", dynamic_ncols=True,
-               disable=not (progress and shard.is_main))
+    fp_saved = state.fp
+    fp_done = fp_saved["done"] if fp_saved else 0
+    todo = [c for c in conditions if c.name not in state.finished]
+    resumed = sum(len(batches) for c in conditions if c.name in state.finished) + sum(
+        state.current(c.name)["done"] for c in todo if state.current(c.name))
+    bar = tqdm(total=len(batches) * (1 + len(conditions)), initial=fp_done + resumed, unit="batch",
+               dynamic_ncols=True, disable=not (progress and shard.is_main))
+    eta = _SweepETA(bar)
 
     split = {"rows": None}  # after an out-of-memory error: the most blocks one forward may take
     no_nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -324,30 +333,46 @@ def run_conditions(
         return xs, sum(p[1] for p in parts), sum(p[2] for p in parts)
 
     runs: list[ConditionRun] = []
-    cache: list[dict[str, torch.Tensor]] = []  # FP read-outs per batch, on the GPU or in pinned host memory
     emb = model.get_input_embeddings().weight
-    cache_on = _cache_device(blocks, emb.shape[1], len(sites), emb.element_size(), device)
-
-    def to_cache(x: torch.Tensor) -> torch.Tensor:
-        if cache_on == device:
-            return x
-        if not on_cuda:
-            return x.to("cpu")
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        return host.copy_(x, non_blocking=True)  # the side stream reads it only after the FP pass's queue
-
-    from_cache = (lambda x: x) if cache_on == device else (lambda x: x.to(device, non_blocking=True))
+    width = emb.shape[1]  # every read-out site of a decoder is d_model wide
+    need = sum(batch_rows) * width * len(sites) * emb.element_size()
+    fp_cache = FPCache(choose_cache(cache, need, device), sites, batch_rows, width, emb.dtype, device,
+                       folder=cache_dir, rank=shard.rank, keep=state.on and cache_dir is not None)
+    if fp_saved and fp_cache.where == "disk" and fp_cache.keep:
+        fp_cache.valid = fp_saved.get("cached", 0)
+    if log and todo and (fp_cache.where == "disk" or (on_cuda and fp_cache.where == "host")):
+        log(fp_cache.describe())  # only when it left the run device (config.json records it always)
     side = _EncodeStream(device, overlap)
     with torch.inference_mode(), ExitStack() as stack:
         ro = {h: stack.enter_context(read_out(model, h)) for h in sites}
         if not ppl:
             stack.enter_context(stop_after(model, sites))
         bar.set_description("fp")
-        t0, nll, n = time.perf_counter(), no_nll.clone(), 0
+        t0, nll, n, fp_seconds = time.perf_counter(), no_nll.clone(), 0, 0.0
         fp_recon = new_recon()
+        if fp_saved:  # continue from the checkpoint: its sums and top-k keys
+            nll, n, fp_seconds = fp_saved["nll"].to(device), int(fp_saved["n"]), float(fp_saved["seconds"])
+            for tracker, keys in zip(trackers, fp_saved["keys"]):
+                tracker.keys = keys.to(device)
+            _load_sums(fp_saved, fp_recon, splicer, device)
+        fp_finished = bool(fp_saved and fp_saved["finished"])
+
+        def fp_snapshot(done: int, finished: bool = False) -> dict:
+            return {"done": done, "finished": finished, "nll": nll, "n": n,
+                    "seconds": fp_seconds + time.perf_counter() - t0, "keys": [t.keys for t in trackers],
+                    "cached": done if fp_cache.sync() else 0} | _sums_state(fp_recon, splicer)
+
         for b, batch in enumerate(batches):
+            if b < fp_done or fp_finished:  # counted before: only the cache may need these read-outs again
+                if todo and not fp_cache.has(b):
+                    bar.set_description("fp (refill cache)")
+                    counted = splicer.sums.clone() if splicer is not None else None
+                    fp_cache.put(b, forward(batch)[0])
+                    if splicer is not None:  # this batch's spliced losses are in the checkpoint's sums already
+                        splicer.sums = counted
+                continue
             xs, b_nll, b_n = forward(batch)
-            cache.append({h: to_cache(x) for h, x in xs.items()})
+            fp_cache.put(b, xs)
             for acc, hook in zip(fp_recon, hooks):
                 if acc is not None:
                     acc.add(xs[hook])
@@ -355,7 +380,17 @@ def run_conditions(
                 tracker.update_from(sae, xs[hook], row0[b])
             nll, n = nll + b_nll, n + b_n
             bar.update()
-        nll, n = shard.sum(float(nll), n)
+            eta.update()
+            state.tick("fp", b, lambda: fp_snapshot(b + 1))
+        if not fp_finished:
+            nll, n = shard.sum(float(nll), n)
+            state.pass_done("fp", fp_snapshot(len(batches), True) | {"nll": torch.tensor(nll, dtype=torch.float64)})
+        else:
+            nll = float(nll)
+        fp_seconds = fp_seconds + (0.0 if fp_finished else time.perf_counter() - t0)
+        if shard.world > 1 and state.on:
+            state.sync_every, state.min_batches = _agreed_interval(state.every, fp_seconds, len(batches), shard,
+                                                                     blocks.n_blocks, batch_size)
         entries, gathers = [], []
         if trackers:
             block_of, pos_of = positions(mask)
@@ -365,7 +400,7 @@ def run_conditions(
                 e.insert(2, "block", block_of[e["row"].to_numpy()])
                 e.insert(3, "pos", pos_of[e["row"].to_numpy()])
                 entries.append(e.drop(columns="row"))
-        runs.append(ConditionRun("fp", FP(), nll, int(n), time.perf_counter() - t0, topk=entries,
+        runs.append(ConditionRun("fp", FP(), nll, int(n), fp_seconds, topk=entries, fp_cache=fp_cache.where,
                                  recon=recon_metrics(fp_recon), splice=splicer.metrics(shard) if splicer else []))
 
         replaces = [bool(getattr(c, "replaces_weights", False)) for c in conditions]
@@ -375,28 +410,46 @@ def run_conditions(
         done: dict[int, ConditionRun] = {}
         for at in order:
             cond = conditions[at]
+            earlier = state.finished.get(cond.name)
+            if earlier is not None:  # finished before an interruption: as it was saved
+                done[at] = _restored_run(cond, earlier, topk)
+                continue
             if replaces[at] and release_base and saved is not None:
                 saved = None  # only checkpoints from here on: the FP weights are not needed again
                 gc.collect()
             bar.set_description(cond.name)
-            t0, nll, n = time.perf_counter(), no_nll.clone(), 0
+            t0, nll, n, spent = time.perf_counter(), no_nll.clone(), 0, 0.0
             with side.enter():
                 packed = [torch.zeros(n_units, 9, s.d_sae, dtype=torch.float64, device=device) for s in saes]
                 at_topk = [g.start(device) for g in gathers]
+            cur, start = state.current(cond.name), 0
+            if cur is not None:  # a checkpoint inside this condition: continue after its last batch
+                packed = [p.to(device) for p in cur["packed"]]
+                at_topk = [a.to(device) for a in cur["at_topk"]]
+                nll, n, start, spent = cur["nll"].to(device), int(cur["n"]), int(cur["done"]), float(cur["seconds"])
+
+            def cond_snapshot(done: int) -> dict:
+                side.join()  # a checkpoint reads the moments the side stream is writing
+                return {"name": cond.name, "done": done, "nll": nll, "n": n, "packed": packed, "at_topk": at_topk,
+                        "seconds": spent + time.perf_counter() - t0} | _sums_state(c_recon, splicer)
             kept: list[list[FeatureMoments]] = [[] for _ in saes]
             c_recon = new_recon()
             if splicer is not None:
                 splicer.start()
+            if cur is not None:
+                _load_sums(cur, c_recon, splicer, device)
             t_apply = time.perf_counter()
             cond.apply(model)
             if on_cuda:
                 torch.cuda.synchronize(device)
             t_apply = time.perf_counter() - t_apply
             try:
-                for b, (batch, cached) in enumerate(zip(batches, cache)):
+                for b, batch in enumerate(batches):
+                    if b < start:
+                        continue
                     xs, b_nll, b_n = forward(batch)
                     with side.enter(*xs.values()):
-                        fp_xs = {h: from_cache(x) for h, x in cached.items()}
+                        fp_xs = fp_cache.get(b)
                         for i, (sae, hook) in enumerate(zip(saes, hooks)):
                             prep = sae.normalise_input if sae.normalize != "none" else (lambda x: x)
                             fx, cx = prep(fp_xs[hook]), prep(xs[hook])
@@ -410,17 +463,81 @@ def run_conditions(
                                 gathers[i].add(at_topk[i], xs[hook], b)
                     nll, n = nll + b_nll, n + b_n
                     bar.update()
+                    eta.update()
+                    state.tick(cond.name, b, lambda: cond_snapshot(b + 1))
             finally:
                 side.join()  # also on an error: nothing the side stream reads may be freed under it
                 if saved is not None:  # queued on the default stream after this condition's forwards
                     saved.restore()
             nll, n = shard.sum(float(nll), n)
             accs = [shard.merge(FeatureMoments.combine(p)) for p in packed]
-            done[at] = (ConditionRun(cond.name, cond, nll, int(n), time.perf_counter() - t0, accs,
-                                     kept if keep_batches else [], t_apply,
-                                     unit_moments=[p.cpu() for p in packed] if single else [],
-                                     topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk],
-                                     recon=recon_metrics(c_recon), splice=splicer.metrics(shard) if splicer else []))
+            done[at] = r = ConditionRun(cond.name, cond, nll, int(n), spent + time.perf_counter() - t0, accs,
+                                        kept if keep_batches else [], t_apply,
+                                        unit_moments=[p.cpu() for p in packed] if single else [],
+                                        topk=[a.cpu().numpy().reshape(topk, -1) for a in at_topk],
+                                        recon=recon_metrics(c_recon), splice=splicer.metrics(shard) if splicer else [])
+            state.pass_done(cond.name, {"nll": torch.tensor(r.nll, dtype=torch.float64), "n": r.n_targets,
+                                        "seconds": r.seconds, "compress_seconds": r.compress_seconds,
+                                        "moments": [m.pack() for m in accs], "unit_moments": r.unit_moments,
+                                        "topk": at_topk, "recon": r.recon, "splice": r.splice})
         runs += [done[at] for at in range(len(conditions))]
     bar.close()
+    fp_cache.close(remove=not state.on)
     return runs
+
+
+def _sums_state(accs: list, splicer) -> dict:
+    """The reconstruction and spliced-loss sums of a pass so far, for a checkpoint."""
+    return {"recon": [None if a is None else [a.sums, a.sum_x, a.fired] for a in accs],
+            "splice": None if splicer is None else splicer.sums}
+
+
+def _load_sums(saved: dict, accs: list, splicer, device) -> None:
+    """Continue a pass's reconstruction and spliced-loss sums from its checkpoint."""
+    for a, sums in zip(accs, saved.get("recon") or []):
+        if a is not None and sums is not None:
+            a.sums, a.sum_x, a.fired = (t.to(device) for t in sums)
+    if splicer is not None and saved.get("splice") is not None:
+        splicer.sums = saved["splice"].clone()
+
+
+def _restored_run(cond, saved: dict, topk: int) -> ConditionRun:
+    """A condition finished before an interruption, from its checkpoint (the values it had, bit for bit)."""
+    return ConditionRun(cond.name, cond, float(saved["nll"]), int(saved["n"]), float(saved["seconds"]),
+                        [FeatureMoments.unpack(p) for p in saved["moments"]], [], float(saved["compress_seconds"]),
+                        unit_moments=list(saved["unit_moments"]),
+                        topk=[a.numpy().reshape(topk, -1) for a in saved["topk"]],
+                        recon=list(saved.get("recon") or []), splice=list(saved.get("splice") or []))
+
+
+def _agreed_interval(every, fp_seconds: float, n_batches: int, shard: Shard, n_blocks: int,
+                     batch_size: int) -> tuple[int, int]:
+    """Under several processes: one checkpoint interval for all ranks (auto: about AUTO_SECONDS of FP
+    batches, the smallest over ranks) and the fewest batches any rank runs (checkpoints stop before it)."""
+    from qdm_engine.engine.state import AUTO_SECONDS
+
+    if every == "auto":
+        per_batch = fp_seconds / max(1, n_batches)
+        every = max(1, int(AUTO_SECONDS / max(per_batch, 1e-6)))
+    fewest = min(-(-len(range(r, n_blocks, shard.world)) // batch_size) for r in range(shard.world))
+    import torch.distributed as dist
+
+    t = torch.tensor([int(every)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t), fewest
+
+
+class _SweepETA:
+    """The time left for the whole sweep (every pass), on the bar's postfix, from this session's rate."""
+
+    def __init__(self, bar):
+        self.bar, self.t0, self.n0 = bar, time.perf_counter(), bar.n
+
+    def update(self) -> None:
+        if self.bar.disable:
+            return
+        done = self.bar.n - self.n0
+        left = (self.bar.total - self.bar.n) * (time.perf_counter() - self.t0) / max(done, 1)
+        self.bar.set_postfix_str(f"sweep left ~{tqdm.format_interval(left)}", refresh=False)

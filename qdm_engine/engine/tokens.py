@@ -42,10 +42,17 @@ class TokenBlocks:
 def read_text(text: str | Path, flag: str = "--text") -> str:
     """Non-empty lines of a local file, or of a `datasets` name 'path[:config[:split]]', joined by newlines.
 
+    A folder of .txt/.jsonl/.parquet files, a .jsonl/.parquet file or '-' (stdin) is read as engine.corpus
+    reads it (field 'text'); the sweep itself streams them (engine.corpus.stream_blocks).
+
     `flag` is the option the text came from, named in the error messages (--text, --eval-text, ...).
     """
     p = Path(str(text)).expanduser()
-    if p.exists() or str(text).startswith(("/", ".", "~")) or str(text).endswith((".txt", ".raw", ".tokens")):
+    if p.is_dir() or p.suffix in (".jsonl", ".parquet") or str(text) == "-":  # a corpus: engine.corpus streams it
+        from qdm_engine.engine.corpus import lines as corpus_lines
+
+        lines = list(corpus_lines(str(text), flag=flag))
+    elif p.exists() or str(text).startswith(("/", ".", "~")) or str(text).endswith((".txt", ".raw", ".tokens")):
         if not p.is_file():
             raise QdmError(f"text file '{text}' does not exist; pass {flag} FILE (plain UTF-8 text)")
         try:

@@ -36,3 +36,36 @@ def test_two_gloo_ranks_equal_one_process(tiny_llama, tiny_sae, text_file, tmp_p
         assert a["cls"].tolist() == b["cls"].tolist()
     import json
     assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_mid_condition_resume_with_the_same_results(tiny_llama, tiny_sae, text_file, tmp_path,
+                                                                     capsys):
+    """Each rank checkpoints its own partial moments (state-rank<r>.pt); `--resume` under torchrun with the
+    same world size finishes the run with the uninterrupted two-rank results; one process is refused."""
+    from qdm_engine.cli import main
+
+    common = ["sweep", "--model", str(tiny_llama), "--sae", str(tiny_sae), "--text", str(text_file),
+              "--tokens", "640", "--block-len", "32", "--batch-size", "3", "--bits", "8,4", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun", "--standalone",
+                "--nproc-per-node", "2", "-m", "qdm_engine.cli"]
+    ref = subprocess.run([*torchrun, *common, "--out", str(tmp_path / "ref")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    killed = subprocess.run([*torchrun, *common, "--out", str(run), "--checkpoint-every", "1"], capture_output=True,
+                            text=True, env={**env, "QDM_TEST_KILL_AT": "int4:2"}, timeout=600)
+    assert killed.returncode != 0 and not (run / "summary.csv").exists()
+    assert {p.name for p in (run / ".partial").glob("state-rank*.pt")} == {"state-rank0.pt", "state-rank1.pt"}
+    assert main(["sweep", "--resume", str(run), "--quiet"]) == 2  # one process, not two
+    assert "the number of processes (resume with the same world size) differs" in capsys.readouterr().err
+    again = subprocess.run([*torchrun, "sweep", "--resume", str(run), "--quiet"], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    s1, s2 = pd.read_csv(tmp_path / "ref" / "summary.csv"), pd.read_csv(run / "summary.csv")
+    np.testing.assert_allclose(s2["ppl"], s1["ppl"], rtol=1e-12)
+    for cond in list_conditions(tmp_path / "ref"):
+        a, b = load_features(tmp_path / "ref", cond), load_features(run, cond)
+        np.testing.assert_allclose(b["r"], a["r"], rtol=0, atol=1e-12, equal_nan=True, err_msg=cond)
+    assert not (run / ".partial").exists()

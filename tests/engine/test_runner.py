@@ -120,7 +120,7 @@ def test_encode_overlap_on_a_second_stream_gives_identical_results(tiny_llama, t
     from qdm_engine.engine.sae import SAEWeights
 
     if cache_on_host:
-        monkeypatch.setattr(runner, "_cache_device", lambda *a: "cpu")
+        monkeypatch.setattr(runner, "choose_cache", lambda *a: "host")
     model, tok, _ = load_model(str(tiny_llama), progress=False)
     model = model.to("cuda")
     d, hook = model.config.hidden_size, "blocks.1.hook_resid_post"
