@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdm_engine.engine.tokens import TokenBlocks
+from qdm_engine.engine.tokens import TokenBlocks, check_block_args, cut_blocks
 from qdm_engine.errors import QdmError
 
 CHUNK_CHARS = 1 << 20  # characters tokenized at a time (about a second of a fast tokenizer)
@@ -199,10 +199,7 @@ def stream_blocks(tokenizer, source: str, block_len: int, tokens: int | None, bo
     """As tokens.make_blocks, from a streamed source: reading stops once the budget's blocks are filled.
 
     `text_tokens` is the number of tokens read (all of the text's only when the text ran out first)."""
-    if block_len < 2:
-        raise QdmError(f"--block-len must be at least 2, got {block_len}")
-    if tokens is not None and tokens < block_len:
-        raise QdmError(f"--tokens {tokens} is smaller than one block (--block-len {block_len}); raise --tokens or lower --block-len")
+    check_block_args(block_len, tokens)
     bos_id = tokenizer.bos_token_id if bos else None
     body = block_len - (1 if bos_id is not None else 0)
     want = None if tokens is None else (skip_blocks + tokens // block_len) * body
@@ -216,22 +213,7 @@ def stream_blocks(tokenizer, source: str, block_len: int, tokens: int | None, bo
     if not any_text:
         raise QdmError(f"text '{source}' is empty (no non-blank lines); pass {flag} a file with text in it")
     ids = torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
-    n_read = ids.numel()
-    ids = ids[skip_blocks * body:]
-    n_blocks = ids.numel() // body
-    if tokens is not None:
-        n_blocks = min(n_blocks, tokens // block_len)
-    if n_blocks == 0:
-        raise QdmError(
-            f"the text gives {ids.numel()} tokens{' after the audit blocks' if skip_blocks else ''}, less than one "
-            f"block of {block_len}; use a longer text or a smaller --block-len"
-        )
-    blocks = ids[: n_blocks * body].reshape(n_blocks, body).clone()
-    mask = torch.ones(n_blocks, block_len, dtype=torch.bool)
-    if bos_id is not None:
-        blocks = torch.cat([torch.full((n_blocks, 1), bos_id, dtype=torch.long), blocks], dim=1)
-        mask[:, 0] = False
-    return TokenBlocks(blocks, mask, bos_id, int(n_read))
+    return cut_blocks(ids, block_len, tokens, bos_id, skip_blocks, ids.numel())
 
 
 def describe(source: str) -> str:

@@ -83,21 +83,18 @@ def _dataset_lines(name: str, flag: str = "--text") -> list[str]:
     return list(ds[column])
 
 
-def make_blocks(tokenizer, text: str, block_len: int, tokens: int | None, bos: bool = True,
-                skip_blocks: int = 0) -> TokenBlocks:
-    """Cut the tokenized text into blocks of `block_len` positions, at most `tokens` positions in all.
-
-    With BOS each block is BOS + (block_len - 1) text tokens; the budget counts positions (BOS included).
-    `skip_blocks` starts after that many blocks' worth of text: held-out blocks disjoint from an audit's.
-    """
+def check_block_args(block_len: int, tokens: int | None) -> None:
     if block_len < 2:
         raise QdmError(f"--block-len must be at least 2, got {block_len}")
     if tokens is not None and tokens < block_len:
         raise QdmError(f"--tokens {tokens} is smaller than one block (--block-len {block_len}); raise --tokens or lower --block-len")
-    bos_id = tokenizer.bos_token_id if bos else None
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def cut_blocks(ids: torch.Tensor, block_len: int, tokens: int | None, bos_id: int | None, skip_blocks: int,
+               n_text: int) -> TokenBlocks:
+    """Blocks of `block_len` positions from text token ids: BOS (when `bos_id` is not None) + the next
+    block_len - 1 ids each, after `skip_blocks` blocks' worth, at most `tokens` positions in all."""
     body = block_len - (1 if bos_id is not None else 0)
-    n_text = ids.numel()
     ids = ids[skip_blocks * body:]
     n_blocks = ids.numel() // body
     if tokens is not None:
@@ -107,9 +104,22 @@ def make_blocks(tokenizer, text: str, block_len: int, tokens: int | None, bos: b
             f"the text gives {ids.numel()} tokens{' after the audit blocks' if skip_blocks else ''}, less than one "
             f"block of {block_len}; use a longer text or a smaller --block-len"
         )
-    blocks = ids[: n_blocks * body].view(n_blocks, body)
+    blocks = ids[: n_blocks * body].reshape(n_blocks, body).clone()
     mask = torch.ones(n_blocks, block_len, dtype=torch.bool)
     if bos_id is not None:
         blocks = torch.cat([torch.full((n_blocks, 1), bos_id, dtype=torch.long), blocks], dim=1)
         mask[:, 0] = False
     return TokenBlocks(blocks, mask, bos_id, int(n_text))
+
+
+def make_blocks(tokenizer, text: str, block_len: int, tokens: int | None, bos: bool = True,
+                skip_blocks: int = 0) -> TokenBlocks:
+    """Cut the tokenized text into blocks of `block_len` positions, at most `tokens` positions in all.
+
+    With BOS each block is BOS + (block_len - 1) text tokens; the budget counts positions (BOS included).
+    `skip_blocks` starts after that many blocks' worth of text: held-out blocks disjoint from an audit's.
+    """
+    check_block_args(block_len, tokens)
+    bos_id = tokenizer.bos_token_id if bos else None
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return cut_blocks(ids, block_len, tokens, bos_id, skip_blocks, ids.numel())
