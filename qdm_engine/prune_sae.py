@@ -127,7 +127,7 @@ def prune_sae(run_dir, condition: str, ratios=(0.25, 0.5), out=None, calib_token
     from qdm_engine.engine.models import parse_dtype
     from qdm_engine.engine.runner import run_conditions
     from qdm_engine.engine.sae import load_sae
-    from qdm_engine.engine.tokens import make_blocks, read_text
+    from qdm_engine.engine import corpus
     from qdm_engine.sliding_ppl import _condition
 
     run_dir = Path(run_dir)
@@ -152,15 +152,23 @@ def prune_sae(run_dir, condition: str, ratios=(0.25, 0.5), out=None, calib_token
         raise QdmError(f"run '{run_dir}' records no model loading arguments; rerun the sweep with this version")
     source, hook = str(config["sae"]["source"]), config["hook"]
     tcfg = config["tokens"]
-    text = read_text(tcfg["text"])  # every input is checked before the model loads
+    text, field = str(tcfg["text"]), tcfg.get("text_field") or "text"
+    if text == corpus.STDIN:
+        raise QdmError(f"run '{run_dir}' read its text from standard input, which cannot be read again; rerun the "
+                       "sweep with --text FILE to prune its SAE")
+    if not corpus.head(text, 1000, field):  # every input is checked before the model loads
+        raise QdmError(f"the run's text '{text}' is empty or gone; restore it to prune the SAE on that run")
     device = device or config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, state, sae_obj = _raw_sae(source)
     fp_sae = load_sae(source, device=device)
     lm, tok, _ = load_lm(load["model"], load["gguf_file"], parse_dtype(config.get("dtype"), device), device,
                          load["trust_remote_code"], progress)
-    blocks = make_blocks(tok, text, tcfg["block_len"], tcfg["budget"], tcfg.get("bos", True))
+    blocks = corpus.stream_blocks(tok, text, tcfg["block_len"], tcfg["budget"], tcfg.get("bos", True), field=field)
+    if tcfg.get("ids_sha256") and corpus.ids_sha256(blocks.ids) != tcfg["ids_sha256"]:
+        raise QdmError(f"the run's text '{text}' no longer gives the audited tokens (their sha256 differs); restore "
+                       "the text the sweep read")
     calib = _held_out_blocks(tok, text, tcfg["block_len"], max(tcfg["block_len"], calib_tokens), tcfg.get("bos", True),
-                             blocks.n_blocks)
+                             blocks.n_blocks, field=field)
     rescale = None
     if cfg.get("architecture") == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         rescale = state["W_dec"].to(torch.float32).norm(dim=-1).to(device)
